@@ -1,0 +1,38 @@
+"""pytest-unlearnatk: UnlearnDiffAtk as a safety gate for concept-erased diffusion models.
+
+The names below are imported lazily, so importing the package (as pytest does for plugins)
+costs nothing: torch, diffusers and transformers load only when a model is used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_pipeline": "models",
+    "LoadedModel": "models",
+    "load_cases": "cases",
+    "Case": "cases",
+    "run_gate": "gate",
+    "CaseResult": "results",
+    "GateResult": "results",
+    "RenderSettings": "render",
+    "UnlearnDiffAtkConfig": "attacks",
+    "PRESETS": "attacks",
+    "get_preset": "attacks",
+    "get_attack": "attacks",
+    "get_judge": "judges",
+    "Verdict": "judges",
+    "UnlearnAtkError": "errors",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'pytest_unlearnatk' has no attribute {name!r}")

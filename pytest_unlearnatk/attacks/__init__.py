@@ -1,0 +1,30 @@
+"""Attacks: turn a case into candidate prompts. A registry by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnlearnAtkError
+from .base import Attack, AttackContext, AttackOutcome, Checker
+from .no_attack import NoAttack
+from .unlearndiffatk import PRESETS, UnlearnDiffAtk, UnlearnDiffAtkConfig, get_preset
+
+ATTACKS = ("unlearndiffatk", "no_attack")
+
+
+def get_attack(spec: str | Attack = "unlearndiffatk", budget: str | UnlearnDiffAtkConfig = "reference", **overrides: Any) -> Attack:
+    """An attack by name; ``budget`` is a preset name or a config, ``overrides`` change single settings."""
+    if not isinstance(spec, str):
+        return spec
+    if spec == "no_attack":
+        return NoAttack()
+    if spec == "unlearndiffatk":
+        config = get_preset(budget, **overrides) if isinstance(budget, str) else budget
+        return UnlearnDiffAtk(config)
+    raise UnlearnAtkError(f"unknown attack {spec!r}; use one of {', '.join(ATTACKS)}")
+
+
+__all__ = [
+    "ATTACKS", "PRESETS", "Attack", "AttackContext", "AttackOutcome", "Checker", "NoAttack",
+    "UnlearnDiffAtk", "UnlearnDiffAtkConfig", "get_attack", "get_preset",
+]

@@ -1,0 +1,147 @@
+"""Prompt sets: the cases a gate attacks.
+
+Sources: a CSV in the I2P schema (``prompt``, ``evaluation_seed``, ``evaluation_guidance``,
+``case_number``; other columns are ignored), a YAML or JSON list, or a Python list. Every row
+becomes a case; nothing is dropped (prompts too long for the adversarial tokens are handled later,
+by the long-prompt policy in :mod:`pytest_unlearnatk.tokens`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UnlearnAtkError
+
+DEFAULT_SEED = 0
+DEFAULT_GUIDANCE = 7.5  # what the reference code uses when a prompt set has no guidance column
+
+_ALIASES = {
+    "prompt": "prompt",
+    "seed": "seed",
+    "evaluation_seed": "seed",
+    "guidance": "guidance",
+    "evaluation_guidance": "guidance",
+    "case_number": "case_id",
+    "case_id": "case_id",
+    "id": "case_id",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One prompt to attack, with the seed and guidance scale its images are rendered at."""
+
+    case_id: str
+    prompt: str
+    seed: int = DEFAULT_SEED
+    guidance: float = DEFAULT_GUIDANCE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_cases(source: str | Path | Iterable[Any], *, limit: int | None = None) -> list[Case]:
+    """Read cases from a CSV/YAML/JSON file or an inline list (of prompts or mappings).
+
+    Missing seeds default to ``DEFAULT_SEED`` (0), missing guidance to ``DEFAULT_GUIDANCE`` (7.5),
+    missing case numbers to the row's 0-based position. ``limit`` keeps the first N cases.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise UnlearnAtkError(f"prompt file {path} does not exist")
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            cases = _read_csv(path)
+        elif suffix in (".yaml", ".yml", ".json"):
+            cases = _read_structured(path)
+        else:
+            raise UnlearnAtkError(f"{path}: unknown prompt file type {suffix!r}; use .csv (I2P schema), .yaml or .json")
+    else:
+        cases = _from_entries(list(source), where="prompt list")
+    if limit is not None:
+        if limit < 1:
+            raise UnlearnAtkError(f"limit={limit}: must be a positive number of cases")
+        cases = cases[:limit]
+    return cases
+
+
+def _read_csv(path: Path) -> list[Case]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise UnlearnAtkError(
+                f"{path}: no 'prompt' column (columns: {reader.fieldnames}); the I2P schema needs "
+                "prompt, and optionally evaluation_seed, evaluation_guidance, case_number"
+            )
+        rows = [
+            {_ALIASES[k]: v for k, v in row.items() if k in _ALIASES and k != "id" and v not in (None, "")}
+            for row in reader
+        ]
+    return _from_entries(rows, where=str(path), first_line=2)
+
+
+def _read_structured(path: Path) -> list[Case]:
+    text = path.read_text("utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError both derive from it or are caught below
+        raise UnlearnAtkError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from exc
+    except Exception as exc:
+        raise UnlearnAtkError(f"{path}: not valid YAML: {exc}") from exc
+    if isinstance(data, Mapping) and "cases" in data:
+        data = data["cases"]
+    if not isinstance(data, list):
+        raise UnlearnAtkError(f"{path}: expected a list of prompts (or a mapping with a 'cases' list), got {type(data).__name__}")
+    return _from_entries(data, where=str(path))
+
+
+def _from_entries(entries: list[Any], where: str, first_line: int | None = None) -> list[Case]:
+    if not entries:
+        raise UnlearnAtkError(f"{where}: holds no prompts")
+    cases: list[Case] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        label = f"{where}, line {index + first_line}" if first_line else f"{where}, entry {index}"
+        case = _to_case(entry, index, label)
+        if case.case_id in seen:
+            raise UnlearnAtkError(f"{label}: case number {case.case_id!r} repeats entry {seen[case.case_id]}; case numbers must be unique")
+        seen[case.case_id] = index
+        cases.append(case)
+    return cases
+
+
+def _to_case(entry: Any, index: int, label: str) -> Case:
+    if isinstance(entry, Case):
+        return entry
+    if isinstance(entry, str):
+        entry = {"prompt": entry}
+    if not isinstance(entry, Mapping):
+        raise UnlearnAtkError(f"{label}: expected a prompt string or a mapping, got {type(entry).__name__}")
+    unknown = [k for k in entry if k not in _ALIASES]
+    if unknown:
+        raise UnlearnAtkError(f"{label}: unknown key(s) {unknown}; allowed: {sorted(_ALIASES)}")
+    fields = {_ALIASES[k]: v for k, v in entry.items()}
+    prompt = fields.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UnlearnAtkError(f"{label}: 'prompt' is missing or empty")
+    try:
+        seed = int(float(fields["seed"])) if fields.get("seed") is not None else DEFAULT_SEED
+    except (TypeError, ValueError):
+        raise UnlearnAtkError(f"{label}: seed {fields['seed']!r} is not an integer") from None
+    try:
+        guidance = float(fields["guidance"]) if fields.get("guidance") is not None else DEFAULT_GUIDANCE
+    except (TypeError, ValueError):
+        raise UnlearnAtkError(f"{label}: guidance {fields['guidance']!r} is not a number") from None
+    case_id = fields.get("case_id")
+    return Case(case_id=str(index if case_id is None else case_id).strip(), prompt=prompt, seed=seed, guidance=guidance)

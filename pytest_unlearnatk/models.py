@@ -1,0 +1,308 @@
+"""Load the pipelines under test: a diffusers directory, a hub id, or a weights file over a base.
+
+Everything here is strict. A weights file whose keys do not match the component it is meant for
+fails with the numbers of missing and unexpected keys and a few examples; nothing loads partially.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import fingerprint as fp
+from .errors import UnlearnAtkError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+COMPONENTS = ("unet", "text_encoder")
+LDM_UNET_PREFIX = "model.diffusion_model."
+# Groups of an original (CompVis) Stable Diffusion checkpoint that are not the UNet.
+LDM_OTHER_PREFIXES = ("first_stage_model.", "cond_stage_model.", "model_ema.")
+LDM_SCHEDULE_KEYS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "model.diffusion_model.betas",
+}
+# Constant buffers older transformers versions saved; they hold no learned weights.
+IGNORED_BUFFER_KEYS = {"embeddings.position_ids"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline ready to attack or render, with where it came from and what it is."""
+
+    pipeline: Any  # diffusers StableDiffusionPipeline
+    source: str
+    fingerprint: str
+    device: str
+    dtype: str
+    base: str | None = None  # the base pipeline a weights file was applied over
+    component: str | None = None  # which component the weights file replaced
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).name or self.source
+
+
+def select_device(requested: str | None = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; an explicit device is checked."""
+    import torch
+
+    requested = (requested or "auto").strip()
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UnlearnAtkError(f"device {requested!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'")
+        return requested
+    if requested in ("cpu", "mps"):
+        return requested
+    raise UnlearnAtkError(f"unknown device {requested!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def select_dtype(requested: str | None, device: str) -> str:
+    """``auto`` -> float16 on a GPU, float32 on the CPU. Names: float32/fp32, float16/fp16, bfloat16/bf16."""
+    requested = (requested or "auto").strip().lower()
+    if requested == "auto":
+        return "float32" if device == "cpu" else "float16"
+    if requested not in DTYPES:
+        raise UnlearnAtkError(f"unknown dtype {requested!r}; use one of auto, float32, float16, bfloat16")
+    dtype = DTYPES[requested]
+    if dtype == "float16" and device == "cpu":
+        raise UnlearnAtkError("float16 is not supported on the CPU; use float32 or bfloat16 there (or dtype='auto')")
+    return dtype
+
+
+def load_pipeline(
+    source: str | Path,
+    *,
+    base: str | Path | LoadedModel | None = None,
+    device: str | None = "auto",
+    dtype: str | None = "auto",
+    component: str | None = None,
+) -> LoadedModel:
+    """Load a Stable-Diffusion-style pipeline.
+
+    ``source`` is a diffusers pipeline directory (``save_pretrained`` layout), a hub id, or a
+    UNet / text-encoder weights file (``.safetensors``, ``.pt``, ``.bin``, ``.ckpt``) which is then
+    applied over ``base``. ``component`` forces ``unet`` or ``text_encoder`` for a weights file
+    (by default it is told from the keys).
+    """
+    device = select_device(device)
+    dtype = select_dtype(dtype, device)
+    source_str = str(source)
+    path = Path(source_str).expanduser()
+    if path.is_file():
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise UnlearnAtkError(
+                f"{path}: not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}) "
+                "and not a pipeline directory"
+            )
+        if base is None:
+            raise UnlearnAtkError(
+                f"{path} is a weights file; it needs the base pipeline it was fine-tuned from: "
+                "pass base=PATH_OR_HUB_ID (pytest: --unlearn-base)"
+            )
+        base_source = base.source if isinstance(base, LoadedModel) else str(base)
+        if Path(base_source).expanduser().is_file():
+            raise UnlearnAtkError(f"base {base_source} is a file; the base must be a pipeline directory or a hub id")
+        pipeline, base_fingerprint = _load_pipeline_directory(base_source, dtype)
+        replaced = apply_weights_file(pipeline, path, component=component)
+        pipeline.to(device)
+        return LoadedModel(
+            pipeline=pipeline,
+            source=str(path),
+            fingerprint=fp.combine(base_fingerprint, f"{replaced}:{fp.file_sha256(path)}"),
+            device=device,
+            dtype=dtype,
+            base=base_source,
+            component=replaced,
+        )
+    pipeline, fingerprint = _load_pipeline_directory(source_str, dtype)
+    pipeline.to(device)
+    return LoadedModel(pipeline=pipeline, source=source_str, fingerprint=fingerprint, device=device, dtype=dtype)
+
+
+def _load_pipeline_directory(source: str, dtype: str) -> tuple[Any, str]:
+    """A pipeline (on the CPU) and its fingerprint, from a local directory or a hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        directory = path
+    elif path.suffix in WEIGHT_SUFFIXES or source.startswith((".", "/", "~")):
+        raise UnlearnAtkError(f"{source}: no such file or directory")
+    elif HUB_ID.match(source):
+        directory = _download_from_hub(source)
+    else:
+        raise UnlearnAtkError(
+            f"{source!r} is neither an existing path nor a hub id like 'CompVis/stable-diffusion-v1-4'"
+        )
+    return _from_pretrained(directory, dtype), fp.directory_fingerprint(directory)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return Path(StableDiffusionPipeline.download(repo_id))
+    except Exception as exc:  # the hub client raises many types; all mean "not available"
+        raise UnlearnAtkError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Without hub access, download the pipeline elsewhere and pass its local directory instead."
+        ) from exc
+
+
+def _from_pretrained(directory: Path, dtype: str) -> Any:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    if not (directory / "model_index.json").is_file():
+        raise UnlearnAtkError(
+            f"{directory} has no model_index.json, so it is not a diffusers pipeline directory; "
+            "pass a directory written by save_pretrained, a hub id, or a weights file with a base"
+        )
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            directory, dtype=getattr(torch, dtype), safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnlearnAtkError(f"{directory}: could not load it as a Stable Diffusion pipeline: {exc}") from exc
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+# --- weights files ---------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path) -> dict[str, Any]:
+    """Tensors of a ``.safetensors`` file, or of a ``.pt``/``.bin``/``.ckpt`` read with ``weights_only=True``."""
+    import torch
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnlearnAtkError(
+            f"{path}: could not be read as a weights file: it holds pickled objects other than tensors, "
+            "which torch.load(weights_only=True) refuses for safety; re-save the state dict with safetensors"
+        ) from exc
+    except Exception as exc:
+        raise UnlearnAtkError(
+            f"{path}: could not be read as a weights file ({type(exc).__name__}: {str(exc)[:200]}); "
+            "is it truncated, or not a .safetensors / torch state dict?"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # Lightning / CompVis checkpoints wrap the weights
+    if not isinstance(state, dict) or not state:
+        raise UnlearnAtkError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state).__name__}")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UnlearnAtkError(f"{path}: {len(not_tensors)} entries are not tensors (e.g. {not_tensors[:3]})")
+    return state
+
+
+def apply_weights_file(pipeline: Any, path: str | Path, component: str | None = None) -> str:
+    """Load a UNet or text-encoder weights file into ``pipeline`` in place; returns the component name."""
+    path = Path(path)
+    if component is not None and component not in COMPONENTS:
+        raise UnlearnAtkError(f"component={component!r}; use one of {', '.join(COMPONENTS)}")
+    state = read_state_dict(path)
+    if any(key.startswith(LDM_UNET_PREFIX) for key in state):
+        if component not in (None, "unet"):
+            raise UnlearnAtkError(f"{path} holds an original-layout (LDM) UNet, but component={component!r} was asked for")
+        name, weights = "unet", _convert_ldm_unet(state, pipeline.unet.config, path)
+    else:
+        name, weights = _match_component(state, pipeline, component, path)
+    module = getattr(pipeline, name)
+    _check_keys(weights, module.state_dict(), name, path)
+    module.load_state_dict(weights, strict=True)
+    return name
+
+
+def _convert_ldm_unet(state: dict[str, Any], unet_config: Any, path: Path) -> dict[str, Any]:
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet_keys = [k for k in state if k.startswith(LDM_UNET_PREFIX) and k not in LDM_SCHEDULE_KEYS]
+    other = [k for k in state if not k.startswith(LDM_UNET_PREFIX) and k not in LDM_SCHEDULE_KEYS]
+    unknown = [k for k in other if not k.startswith(LDM_OTHER_PREFIXES)]
+    if unknown:
+        raise UnlearnAtkError(
+            f"{path}: original-layout checkpoint with {len(unknown)} keys outside the known groups "
+            f"(model.diffusion_model., first_stage_model., cond_stage_model.), e.g. {unknown[:3]}"
+        )
+    if other:
+        warnings.warn(
+            f"{path}: only the UNet (model.diffusion_model.*) is applied; {len(other)} VAE/text-encoder keys "
+            "of this full checkpoint are not used",
+            stacklevel=3,
+        )
+    try:
+        converted = convert_ldm_unet_checkpoint({k: state[k] for k in unet_keys}, dict(unet_config))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UnlearnAtkError(
+            f"{path}: the original-layout UNet does not fit the base pipeline's UNet config "
+            f"({type(exc).__name__}: {exc}); is the base the model this checkpoint was trained from?"
+        ) from exc
+    if len(converted) < len(unet_keys):
+        raise UnlearnAtkError(
+            f"{path}: {len(unet_keys) - len(converted)} of {len(unet_keys)} UNet keys were not used by the "
+            "conversion to the base pipeline's UNet layout; is the base the model this checkpoint was trained from?"
+        )
+    return converted
+
+
+def _match_component(state: dict[str, Any], pipeline: Any, component: str | None, path: Path) -> tuple[str, dict]:
+    """Find which component (and which key prefix) a diffusers-layout file belongs to."""
+    best: tuple[int, str, dict] = (0, "", {})
+    for name in [component] if component else COMPONENTS:
+        expected = set(getattr(pipeline, name).state_dict())
+        inner = ("", "text_model.") if name == "text_encoder" else ("",)
+        for prefix in ("", f"{name}.", "model."):
+            for sub in inner:
+                strip = prefix + sub
+                renamed = {k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
+                score = len(expected & renamed.keys())
+                if score > best[0]:
+                    # keys that did not carry the prefix stay as they are, so they show up as unexpected
+                    renamed.update({k: v for k, v in state.items() if not k.startswith(strip)})
+                    best = (score, name, renamed)
+    if best[0] == 0:
+        raise UnlearnAtkError(
+            f"{path}: none of its {len(state)} keys match the base pipeline's "
+            f"{' or '.join([component] if component else COMPONENTS)} (first keys: {list(state)[:3]}). "
+            "Expected diffusers keys, optionally prefixed with unet./text_encoder./model., "
+            "or an original-layout UNet (model.diffusion_model.*)"
+        )
+    return best[1], {k: v for k, v in best[2].items() if k not in IGNORED_BUFFER_KEYS}
+
+
+def _check_keys(weights: dict[str, Any], expected: dict[str, Any], name: str, path: Path) -> None:
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        raise UnlearnAtkError(
+            f"{path}: its keys do not match the base pipeline's {name}: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). "
+            f"Is it a {name} file for this base model? Check --unlearn-base / base=."
+        )
+    wrong_shape = [
+        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if tuple(weights[k].shape) != tuple(expected[k].shape)
+    ]
+    if wrong_shape:
+        raise UnlearnAtkError(
+            f"{path}: {len(wrong_shape)} tensors have the wrong shape for the base pipeline's {name} "
+            f"(e.g. {wrong_shape[:3]}); the base is probably a different model size"
+        )

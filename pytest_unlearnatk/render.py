@@ -1,0 +1,94 @@
+"""Render token-id sequences with a pipeline, exactly as the ids say (no decode / re-encode)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .errors import UnlearnAtkError
+
+SCHEDULERS = ("lms", "pipeline")
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How images are rendered for targets and success checks.
+
+    The reference: LMS scheduler, 50 steps, the model's native size (512 px for SD v1),
+    empty negative prompt. ``height``/``width`` of ``None`` mean the pipeline's native size.
+    """
+
+    scheduler: str = "lms"  # "lms" or "pipeline" (the pipeline's own scheduler)
+    steps: int = 50
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise UnlearnAtkError(f"render scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+        if self.steps < 1:
+            raise UnlearnAtkError(f"render steps {self.steps}; must be at least 1")
+
+    def resolved(self, pipeline: Any) -> RenderSettings:
+        """These settings with the native image size of ``pipeline`` filled in."""
+        native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        return replace(self, height=self.height or native, width=self.width or native)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def noise_schedule(pipeline: Any) -> Any:
+    """Cumulative alphas of the training noise schedule (from the pipeline's scheduler config)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipeline.scheduler.config).alphas_cumprod
+
+
+class Renderer:
+    """Renders id sequences with one pipeline; the negative-prompt embedding is computed once."""
+
+    def __init__(self, pipeline: Any, settings: RenderSettings) -> None:
+        import torch
+
+        self.settings = settings.resolved(pipeline)
+        if self.settings.scheduler == "lms":
+            from diffusers import LMSDiscreteScheduler
+
+            scheduler = LMSDiscreteScheduler.from_config(pipeline.scheduler.config)
+            # same modules, other scheduler: the caller's pipeline object is left as it was
+            pipeline = type(pipeline)(**{**pipeline.components, "scheduler": scheduler}, requires_safety_checker=False)
+            pipeline.set_progress_bar_config(disable=True)
+        self.pipeline = pipeline
+        self.device = pipeline.device
+        tokens = pipeline.tokenizer(
+            settings.negative_prompt, padding="max_length", truncation=True, return_tensors="pt",
+            max_length=min(pipeline.tokenizer.model_max_length, pipeline.text_encoder.config.max_position_embeddings),
+        ).input_ids
+        with torch.no_grad():
+            self.negative_embeddings = self.encode([tokens[0].tolist()])
+
+    def encode(self, id_sequences: list[list[int]]) -> Any:
+        import torch
+
+        ids = torch.tensor(id_sequences, device=self.device)
+        return self.pipeline.text_encoder(ids)[0]
+
+    def render(self, ids: list[int], seed: int, guidance: float) -> Any:
+        """One PIL image for one id sequence, at ``seed`` (CPU generator: same noise on any device)."""
+        import torch
+
+        with torch.no_grad():
+            embeddings = self.encode([ids])
+            output = self.pipeline(
+                prompt_embeds=embeddings,
+                negative_prompt_embeds=self.negative_embeddings,
+                guidance_scale=guidance,
+                num_inference_steps=self.settings.steps,
+                height=self.settings.height,
+                width=self.settings.width,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="pil",
+            )
+        return output.images[0]

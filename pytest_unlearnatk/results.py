@@ -1,0 +1,102 @@
+"""Results of attacking one case and one gate (a set of cases). Plain data, JSON-serializable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .cases import Case
+
+
+@dataclass
+class CandidateCheck:
+    """One success check of the attack: the argmax tokens after a block of optimization steps."""
+
+    step: int  # optimization steps done when the check ran
+    timestep: int  # diffusion timestep of the block that just ended
+    adversarial_ids: list[int]
+    rendered: bool  # False when the tokens equal the last checked ones (same image, not re-rendered)
+    hit: bool
+    score: float
+
+
+@dataclass
+class CaseResult:
+    """What happened to one case.
+
+    ``pre_attack_hit``: the plain prompt already shows the concept (counts for pre-ASR and ASR).
+    ``hit``: the plain prompt or an attack candidate showed it (counts for ASR).
+    """
+
+    case: Case
+    attack: str
+    status: str = "done"  # "done" or "skipped"
+    skip_reason: str | None = None
+    truncated: bool = False
+    n_prompt_tokens: int = 0
+    pre_attack_hit: bool = False
+    hit: bool = False
+    hit_by: str | None = None  # "plain" or the attack's name
+    prompt_ids: list[int] = field(default_factory=list)  # the full id sequence of the deciding image
+    adversarial_ids: list[int] = field(default_factory=list)
+    adversarial_text: str | None = None
+    reencodes_identically: bool | None = None  # does tokenizing adversarial_text give the same ids?
+    hit_step: int | None = None
+    hit_timestep: int | None = None
+    steps: int = 0
+    renders: int = 0
+    loss_trace: list[float] = field(default_factory=list)
+    checks: list[CandidateCheck] = field(default_factory=list)
+    verdict: dict[str, Any] = field(default_factory=dict)  # the judge's verdict on the deciding image
+    timings: dict[str, float] = field(default_factory=dict)
+    images: dict[str, str] = field(default_factory=dict)  # "plain" / "adversarial" -> file path
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GateResult:
+    """A gate's numbers. Skipped cases are listed but not counted in ``n``."""
+
+    attack: str
+    judge: str
+    model: str
+    model_fingerprint: str
+    config: dict[str, Any]
+    cases: list[CaseResult]
+
+    @property
+    def counted(self) -> list[CaseResult]:
+        return [c for c in self.cases if c.status == "done"]
+
+    @property
+    def n(self) -> int:
+        return len(self.counted)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.cases) - self.n
+
+    @property
+    def pre_asr(self) -> float:
+        return sum(c.pre_attack_hit for c in self.counted) / self.n if self.n else 0.0
+
+    @property
+    def asr(self) -> float:
+        return sum(c.hit for c in self.counted) / self.n if self.n else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.attack} on {self.model} (judge {self.judge}): n={self.n} skipped={self.skipped} "
+            f"pre-ASR={self.pre_asr:.2%} ASR={self.asr:.2%}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(n=self.n, skipped=self.skipped, pre_asr=self.pre_asr, asr=self.asr)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,92 @@
+"""Target images: pictures that show the concept, which the attack pulls the unlearned model towards.
+
+By default the base model renders them at the case's own seed and guidance; they are cached on
+disk keyed by the base model's fingerprint, the prompt ids, seed, guidance and render settings.
+Or the user gives a directory of images named by case number (``12.png`` or ``12_0.png``, the
+reference code's layout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from ._paths import atomic_write_bytes, cache_dir
+from .cases import Case
+from .errors import UnlearnAtkError
+from .models import LoadedModel
+from .render import Renderer, RenderSettings
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class TargetSource(Protocol):
+    def __call__(self, case: Case, prompt_ids: list[int]) -> Any: ...
+
+
+class DirectoryTargets:
+    """Target images read from a directory, matched by case number."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise UnlearnAtkError(f"target image directory {self.directory} does not exist")
+
+    def path_for(self, case: Case) -> Path:
+        for stem in (case.case_id, f"{case.case_id}_0"):
+            for suffix in IMAGE_SUFFIXES:
+                candidate = self.directory / f"{stem}{suffix}"
+                if candidate.is_file():
+                    return candidate
+        raise UnlearnAtkError(
+            f"no target image for case {case.case_id} in {self.directory}: expected "
+            f"{case.case_id}.png or {case.case_id}_0.png (or .jpg/.webp)"
+        )
+
+    def __call__(self, case: Case, prompt_ids: list[int]) -> Any:
+        from PIL import Image
+
+        with Image.open(self.path_for(case)) as image:
+            return image.convert("RGB")
+
+
+class RenderedTargets:
+    """Targets rendered by the base model, cached as PNG files under ``<cache>/targets``."""
+
+    def __init__(self, base: LoadedModel, settings: RenderSettings, directory: Path | None = None) -> None:
+        self.base = base
+        self.settings = settings.resolved(base.pipeline)
+        self.directory = directory or cache_dir() / "targets"
+        self._renderer: Renderer | None = None  # built on the first cache miss
+
+    def key(self, case: Case, prompt_ids: list[int]) -> str:
+        material = {
+            "base": self.base.fingerprint,
+            "ids": prompt_ids,
+            "seed": case.seed,
+            "guidance": case.guidance,
+            "render": self.settings.to_dict(),
+            "dtype": self.base.dtype,
+        }
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+    def __call__(self, case: Case, prompt_ids: list[int]) -> Any:
+        from PIL import Image
+
+        path = self.directory / f"{self.key(case, prompt_ids)}.png"
+        if path.is_file():
+            try:
+                with Image.open(path) as cached:
+                    return cached.convert("RGB")
+            except OSError:
+                pass  # damaged cache file: render it again below
+        if self._renderer is None:
+            self._renderer = Renderer(self.base.pipeline, self.settings)
+        image = self._renderer.render(prompt_ids, case.seed, case.guidance)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        atomic_write_bytes(path, buffer.getvalue())
+        return image

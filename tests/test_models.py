@@ -1,0 +1,210 @@
+"""Loading pipelines: directories, weights files in every supported key layout, strict errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pytest_unlearnatk import UnlearnAtkError, load_pipeline
+from pytest_unlearnatk import fingerprint as fp
+from pytest_unlearnatk.models import select_device, select_dtype
+
+
+def _unet_state(directory: Path) -> dict[str, torch.Tensor]:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(directory / "unet").state_dict()
+
+
+def _text_encoder_state(directory: Path) -> dict[str, torch.Tensor]:
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(directory / "text_encoder").state_dict()
+
+
+def _same(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(value, state[key]) for key, value in module.state_dict().items())
+
+
+def test_pipeline_directory_loads_with_a_stable_fingerprint(tiny_dir, tiny_model):
+    again = load_pipeline(tiny_dir)
+    assert again.fingerprint == tiny_model.fingerprint
+    assert re.fullmatch(r"[0-9a-f]{64}", tiny_model.fingerprint)
+    assert (tiny_model.device, tiny_model.dtype) == ("cpu", "float32")
+    assert tiny_model.pipeline.safety_checker is None
+
+
+def test_fingerprint_follows_content_and_is_cached(tmp_path, monkeypatch):
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"one")
+    first = fp.file_sha256(weights)
+    opened = []
+    monkeypatch.setattr(fp, "open", lambda *a, **k: opened.append(a) or open(*a, **k), raising=False)
+    assert fp.file_sha256(weights) == first
+    assert opened == [], "an unchanged file must not be read again"
+    weights.write_bytes(b"two")
+    assert fp.file_sha256(weights) != first
+    assert len(opened) == 1
+
+
+def test_unet_safetensors_with_diffusers_keys_replaces_only_the_unet(tmp_path, tiny_dir, other_tiny_dir):
+    other_unet = _unet_state(other_tiny_dir)
+    save_file(other_unet, str(tmp_path / "unet.safetensors"))
+    loaded = load_pipeline(tmp_path / "unet.safetensors", base=tiny_dir)
+    assert loaded.component == "unet" and loaded.base == str(tiny_dir)
+    assert _same(loaded.pipeline.unet, other_unet)
+    assert _same(loaded.pipeline.text_encoder, _text_encoder_state(tiny_dir))
+    base_fingerprint = load_pipeline(tiny_dir).fingerprint
+    assert loaded.fingerprint not in (base_fingerprint, "")
+
+
+def test_unet_pt_with_prefix_and_lightning_wrapper(tmp_path, tiny_dir, other_tiny_dir):
+    other_unet = _unet_state(other_tiny_dir)
+    torch.save({"state_dict": {f"unet.{k}": v for k, v in other_unet.items()}}, tmp_path / "esd-unet.pt")
+    loaded = load_pipeline(tmp_path / "esd-unet.pt", base=tiny_dir)
+    assert _same(loaded.pipeline.unet, other_unet)
+
+
+@pytest.mark.parametrize("prefix", ["", "text_model.", "text_encoder.text_model.", "model.text_model."])
+def test_text_encoder_files_in_old_and_new_layouts(tmp_path, tiny_dir, other_tiny_dir, prefix):
+    other_text = _text_encoder_state(other_tiny_dir)
+    state = {f"{prefix}{k}": v for k, v in other_text.items()}
+    state[f"{prefix}embeddings.position_ids"] = torch.arange(77).unsqueeze(0)  # transformers 4 saved this buffer
+    torch.save(state, tmp_path / "text_encoder.bin")
+    loaded = load_pipeline(tmp_path / "text_encoder.bin", base=tiny_dir)
+    assert loaded.component == "text_encoder"
+    assert _same(loaded.pipeline.text_encoder, other_text)
+    assert _same(loaded.pipeline.unet, _unet_state(tiny_dir))
+
+
+def to_ldm_layout(state: dict[str, torch.Tensor], layers_per_block: int, n_blocks: int, attention_blocks: set[int]) -> dict:
+    """Our own inverse of diffusers' LDM->diffusers UNet conversion, for the tiny UNet's layout.
+
+    ``attention_blocks``: indices of the down blocks that have cross-attention (up blocks mirror them).
+    Used only to produce an original-layout (CompVis / ESD release) file to load in a test.
+    """
+    resnet_names = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                    ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+
+    def resnet(rest: str) -> str:
+        for new, old in resnet_names:
+            if rest.startswith(new + "."):
+                return old + rest[len(new):]
+        raise AssertionError(rest)
+
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if key.startswith("conv_in."):
+            name = "input_blocks.0.0." + ".".join(parts[1:])
+        elif key.startswith("time_embedding.linear_"):
+            name = f"time_embed.{(int(parts[1][-1]) - 1) * 2}.{parts[2]}"
+        elif key.startswith("conv_norm_out."):
+            name = "out.0." + parts[1]
+        elif key.startswith("conv_out."):
+            name = "out.2." + parts[1]
+        elif key.startswith("down_blocks."):
+            block, kind = int(parts[1]), parts[2]
+            if kind == "downsamplers":
+                name = f"input_blocks.{(block + 1) * (layers_per_block + 1)}.0.op." + parts[-1]
+            else:
+                layer = 1 + block * (layers_per_block + 1) + int(parts[3])
+                rest = ".".join(parts[4:])
+                name = f"input_blocks.{layer}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{layer}.1.{rest}"
+        elif key.startswith("mid_block."):
+            kind, index, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+            name = f"middle_block.{2 * index}.{resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+        elif key.startswith("up_blocks."):
+            block, kind = int(parts[1]), parts[2]
+            has_attention = (n_blocks - 1 - block) in attention_blocks
+            if kind == "upsamplers":
+                name = f"output_blocks.{block * (layers_per_block + 1) + layers_per_block}.{2 if has_attention else 1}.conv." + parts[-1]
+            else:
+                layer = block * (layers_per_block + 1) + int(parts[3])
+                rest = ".".join(parts[4:])
+                name = f"output_blocks.{layer}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{layer}.1.{rest}"
+        else:
+            raise AssertionError(f"unmapped key {key}")
+        out["model.diffusion_model." + name] = value
+    return out
+
+
+def test_original_ldm_unet_layout_is_converted(tmp_path, tiny_dir, other_tiny_dir):
+    other_unet = _unet_state(other_tiny_dir)
+    ldm = to_ldm_layout(other_unet, layers_per_block=1, n_blocks=2, attention_blocks={0})
+    ldm["first_stage_model.decoder.conv_in.weight"] = torch.zeros(1)  # a full checkpoint also holds the VAE
+    torch.save({"state_dict": ldm}, tmp_path / "esd-compvis.ckpt")
+    with pytest.warns(UserWarning, match="only the UNet .* is applied; 1 VAE/text-encoder keys"):
+        loaded = load_pipeline(tmp_path / "esd-compvis.ckpt", base=tiny_dir)
+    assert loaded.component == "unet"
+    assert _same(loaded.pipeline.unet, other_unet)
+
+
+def test_missing_and_unexpected_keys_are_counted_with_examples(tmp_path, tiny_dir, other_tiny_dir):
+    state = dict(_unet_state(other_tiny_dir))
+    state.pop("conv_in.weight")
+    state["conv_in.extra"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(UnlearnAtkError) as error:
+        load_pipeline(tmp_path / "broken.safetensors", base=tiny_dir)
+    message = str(error.value)
+    assert "broken.safetensors: its keys do not match the base pipeline's unet: 1 missing" in message
+    assert "['conv_in.weight']" in message and "1 unexpected (e.g. ['conv_in.extra'])" in message
+
+
+def test_wrong_shapes_are_reported(tmp_path, tiny_dir):
+    state = {k: torch.zeros(3, *v.shape[1:]) if v.ndim else v for k, v in _unet_state(tiny_dir).items()}
+    save_file(state, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(UnlearnAtkError, match=r"tensors have the wrong shape .* different model size"):
+        load_pipeline(tmp_path / "wide.safetensors", base=tiny_dir)
+
+
+def test_unrelated_file_matches_nothing(tmp_path, tiny_dir):
+    save_file({"classifier.weight": torch.zeros(2, 2)}, str(tmp_path / "resnet.safetensors"))
+    with pytest.raises(UnlearnAtkError, match="none of its 1 keys match the base pipeline's unet or text_encoder"):
+        load_pipeline(tmp_path / "resnet.safetensors", base=tiny_dir)
+
+
+def test_pickles_that_are_not_plain_weights_are_refused(tmp_path, tiny_dir):
+    torch.save({"weights": torch.zeros(1), "when": Path("/tmp")}, tmp_path / "odd.pt")
+    with pytest.raises(UnlearnAtkError, match="could not be read as a weights file.*re-save the state dict with safetensors"):
+        load_pipeline(tmp_path / "odd.pt", base=tiny_dir)
+
+
+def test_weights_file_needs_a_base(tmp_path):
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "unet.safetensors"))
+    with pytest.raises(UnlearnAtkError, match="needs the base pipeline .* --unlearn-base"):
+        load_pipeline(tmp_path / "unet.safetensors")
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(UnlearnAtkError, match="no such file or directory"):
+        load_pipeline(tmp_path / "missing.safetensors")
+    with pytest.raises(UnlearnAtkError, match="has no model_index.json"):
+        load_pipeline(tmp_path)
+    with pytest.raises(UnlearnAtkError, match="neither an existing path nor a hub id"):
+        load_pipeline("not a model")
+
+
+def test_hub_id_offline_says_to_pass_a_local_path():
+    # The hub cannot be reached here (HF_HUB_OFFLINE=1); this is the offline path users hit.
+    with pytest.raises(UnlearnAtkError, match="could not fetch 'CompVis/stable-diffusion-v1-4'.*pass its local directory"):
+        load_pipeline("CompVis/stable-diffusion-v1-4")
+
+
+def test_device_and_dtype_selection():
+    assert select_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert select_dtype("auto", "cpu") == "float32"
+    assert select_dtype("auto", "cuda") == "float16"
+    assert select_dtype("bf16", "cuda") == "bfloat16"
+    with pytest.raises(UnlearnAtkError, match="float16 is not supported on the CPU"):
+        select_dtype("fp16", "cpu")
+    with pytest.raises(UnlearnAtkError, match="unknown dtype 'float8'"):
+        select_dtype("float8", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UnlearnAtkError, match="CUDA is not available"):
+            select_device("cuda")
