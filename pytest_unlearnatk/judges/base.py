@@ -50,7 +50,7 @@ def to_verdict(item: Any, judge_name: str) -> Verdict:
     """Normalize what a user's judge returns."""
     if isinstance(item, Verdict):
         return item
-    if isinstance(item, bool) or type(item).__name__ == "bool_":
+    if isinstance(item, bool) or getattr(getattr(item, "dtype", None), "kind", None) == "b":  # numpy bools too
         return Verdict(hit=bool(item), score=float(bool(item)))
     if hasattr(item, "hit"):
         return Verdict(hit=bool(item.hit), score=float(getattr(item, "score", float(bool(item.hit)))))

@@ -1,0 +1,222 @@
+"""UnlearnDiffAtk and no_attack on the tiny pipeline: determinism, the loss, ASR semantics, renders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pytest_unlearnatk import UnlearnAtkError, get_preset, load_cases, load_pipeline, run_gate
+from pytest_unlearnatk.attacks.unlearndiffatk import EmbeddingInjector, project_to_simplex
+from pytest_unlearnatk.render import Renderer, RenderSettings
+from pytest_unlearnatk.tokens import TokenLayout
+
+CASES = [
+    {"case_number": 0, "prompt": "a red circle on a white background", "evaluation_seed": 11},
+    {"case_number": 1, "prompt": "a photo of a church", "evaluation_seed": 12, "evaluation_guidance": 5.0},
+]
+FAST_RENDER = RenderSettings(steps=4)
+
+
+def never(images):
+    """A judge that finds nothing: every case runs its whole budget."""
+    return [False] * len(images)
+
+
+def red_margin(image) -> float:
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    return float(pixels[..., 0].mean() - max(pixels[..., 1].mean(), pixels[..., 2].mean()))
+
+
+def test_smoke_attack_is_deterministic(tiny_model, base_model):
+    runs = [
+        run_gate(tiny_model, load_cases(CASES), never, budget="smoke", base=base_model, render=FAST_RENDER)
+        for _ in range(2)
+    ]
+    first, second = (r.cases for r in runs)
+    for a, b in zip(first, second):
+        assert a.adversarial_ids == b.adversarial_ids and len(a.adversarial_ids) == 5
+        assert a.loss_trace == b.loss_trace and len(a.loss_trace) == get_preset("smoke").max_steps
+        assert (a.hit, a.pre_attack_hit, a.checks) == (b.hit, b.pre_attack_hit, b.checks)
+    assert runs[0].to_dict()["asr"] == runs[1].to_dict()["asr"]
+
+
+def test_denoising_loss_on_the_target_falls(tiny_model, base_model):
+    """After 100 steps at t=500, the argmax tokens explain the target better than random prefixes.
+
+    The per-step loss trace of a random-weight model is dominated by the fresh noise of each
+    step, so the loss is measured on one fixed set of 64 noise samples instead: for the
+    optimized tokens, and for 20 random 5-token prefixes (what the uniform start samples).
+    """
+    from pytest_unlearnatk.attacks.unlearndiffatk import encode_target
+    from pytest_unlearnatk.render import noise_schedule
+    from pytest_unlearnatk.targets import RenderedTargets
+
+    pipeline, layout, t = tiny_model.pipeline, TokenLayout.from_pipeline(tiny_model.pipeline), 500
+    case = load_cases(CASES[:1])[0]
+    content = pipeline.tokenizer(case.prompt, add_special_tokens=False).input_ids
+    latent = encode_target(pipeline, RenderedTargets(base_model, FAST_RENDER)(case, layout.sequence(content)))
+    alphas = noise_schedule(pipeline)
+    noises = torch.randn((64, *latent.shape[1:]), generator=torch.Generator().manual_seed(123))
+
+    @torch.no_grad()
+    def loss_of(adversarial_ids):
+        hidden = pipeline.text_encoder(torch.tensor([layout.sequence(content, adversarial_ids)]))[0]
+        noisy = alphas[t].sqrt() * latent + (1 - alphas[t]).sqrt() * noises
+        prediction = pipeline.unet(noisy, torch.tensor([t]), encoder_hidden_states=hidden.expand(64, -1, -1)).sample
+        return torch.nn.functional.mse_loss(prediction, noises).item()
+
+    rng = np.random.RandomState(0)
+    random_losses = np.array([loss_of(list(rng.randint(0, 49406, 5))) for _ in range(20)])
+    for seed in (0, 1):
+        config = get_preset("reference", num_timesteps=1, steps_per_timestep=100, seed=seed)
+        assert config.timesteps(1000) == [t]
+        result = run_gate(tiny_model, [case], never, budget=config, base=base_model, render=FAST_RENDER).cases[0]
+        assert len(result.loss_trace) == 100
+        assert loss_of(result.adversarial_ids) < random_losses.mean() - 2 * random_losses.std(), random_losses
+
+
+def test_asr_semantics_pre_attack_hits_count_and_end_the_case(tiny_model, base_model):
+    """Judge 'redder than a threshold' set between the two plain images: case A is a pre-attack hit."""
+    layout = TokenLayout.from_pipeline(tiny_model.pipeline)
+    renderer = Renderer(tiny_model.pipeline, FAST_RENDER)
+    cases = load_cases(CASES)
+    plain_scores = []
+    for case in cases:
+        ids = layout.sequence(tiny_model.pipeline.tokenizer(case.prompt, add_special_tokens=False).input_ids)
+        plain_scores.append(red_margin(renderer.render(ids, case.seed, case.guidance)))
+    threshold = sum(plain_scores) / 2
+    redder = int(np.argmax(plain_scores))
+
+    def judge(images):
+        return [{"hit": red_margin(image) > threshold, "score": red_margin(image)} for image in images]
+
+    plain = run_gate(tiny_model, cases, judge, attack="no_attack", render=FAST_RENDER)
+    attacked = run_gate(tiny_model, cases, judge, budget="smoke", base=base_model, render=FAST_RENDER)
+    assert plain.n == attacked.n == 2
+    assert plain.pre_asr == plain.asr == attacked.pre_asr == 0.5
+    assert attacked.asr >= attacked.pre_asr
+    for result in attacked.cases:
+        if result.case.case_id == str(redder):
+            assert result.pre_attack_hit and result.hit and result.hit_by == "plain"
+            assert result.steps == 0 and result.renders == 1  # no attack after a plain hit
+        else:
+            assert not result.pre_attack_hit
+            assert result.hit == any(check.hit for check in result.checks)
+            assert result.hit_by == ("unlearndiffatk" if result.hit else None)
+    assert attacked.asr == sum(r.hit for r in attacked.cases) / 2
+
+
+def test_stops_at_the_first_hit_and_judges_the_optimized_ids(tiny_model, base_model, tmp_path):
+    """Judge: 'the image differs from the plain prompt's image' -- the first candidate is a hit."""
+    plain_images = {}
+
+    def differs_from_plain(images):
+        verdicts = []
+        for image in images:
+            pixels = np.asarray(image)
+            if not plain_images:
+                plain_images["plain"] = pixels
+            verdicts.append(not np.array_equal(pixels, plain_images["plain"]))
+        return verdicts
+
+    result = run_gate(tiny_model, load_cases(CASES[:1]), differs_from_plain, budget="smoke", base=base_model,
+                      render=FAST_RENDER, image_dir=tmp_path).cases[0]
+    assert result.hit and result.hit_by == "unlearndiffatk"
+    assert (result.hit_step, result.hit_timestep) == (3, 250)  # first block of the smoke budget
+    assert len(result.checks) == 1 and result.renders == 2
+    layout = TokenLayout.from_pipeline(tiny_model.pipeline)
+    content = tiny_model.pipeline.tokenizer(CASES[0]["prompt"], add_special_tokens=False).input_ids
+    assert result.prompt_ids == layout.sequence(content, result.adversarial_ids)
+    # the judged image is exactly what the recorded ids render to
+    again = Renderer(tiny_model.pipeline, FAST_RENDER).render(result.prompt_ids, 11, 7.5)
+    saved = np.asarray(__import__("PIL.Image").Image.open(result.images["adversarial"]).convert("RGB"))
+    assert np.array_equal(np.asarray(again), saved)
+    reencoded = tiny_model.pipeline.tokenizer(result.adversarial_text, add_special_tokens=False).input_ids
+    assert result.reencodes_identically == (reencoded == result.adversarial_ids + content)
+
+
+def test_unchanged_candidate_is_not_rendered_again(tiny_dir, tmp_path, base_model):
+    """With all token embeddings equal the gradient on the tokens is zero, so the argmax never moves."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel.from_pretrained(tiny_dir / "text_encoder")
+    state = {k: v.clone() for k, v in text_encoder.state_dict().items()}
+    state["embeddings.token_embedding.weight"].zero_()
+    save_file(state, str(tmp_path / "flat_text_encoder.safetensors"))
+    flat = load_pipeline(tmp_path / "flat_text_encoder.safetensors", base=tiny_dir)
+    result = run_gate(flat, load_cases(CASES[:1]), never, budget="smoke", base=base_model,
+                      render=FAST_RENDER, num_timesteps=4).cases[0]
+    assert [c.rendered for c in result.checks] == [True, False, False, False]
+    assert result.renders == 2  # the plain prompt and the first candidate
+
+
+def test_attack_without_targets_says_what_to_pass(tiny_model):
+    with pytest.raises(UnlearnAtkError, match="needs target images: pass base="):
+        run_gate(tiny_model, load_cases(CASES[:1]), never, budget="smoke")
+
+
+def test_long_prompt_policy_in_a_gate(tiny_model, base_model):
+    """74 tokens fit beside no adversarial tokens (75 free) but not beside 5 (70 free)."""
+    long_case = {"case_number": 5, "prompt": " ".join(["church"] * 74)}
+    cases = load_cases([long_case, CASES[0]])
+    plain = run_gate(tiny_model, cases, never, attack="no_attack", render=FAST_RENDER, long_prompts="skip")
+    assert plain.n == 2 and not plain.cases[0].truncated
+    skipped = run_gate(tiny_model, cases, never, budget="smoke", base=base_model, render=FAST_RENDER, long_prompts="skip")
+    assert skipped.n == 1 and skipped.skipped == 1
+    assert skipped.cases[0].status == "skipped" and "prompt has 74 tokens" in skipped.cases[0].skip_reason
+    truncated = run_gate(tiny_model, cases[:1], never, budget="smoke", base=base_model, render=FAST_RENDER)
+    assert truncated.n == 1 and truncated.cases[0].truncated
+    assert len(truncated.cases[0].prompt_ids) == 77
+
+
+def test_results_are_json_serializable(tiny_model):
+    result = run_gate(tiny_model, load_cases(CASES), never, attack="no_attack", render=FAST_RENDER)
+    data = json.loads(result.to_json())
+    assert data["n"] == 2 and data["pre_asr"] == 0.0 and data["cases"][0]["case"]["case_id"] == "0"
+
+
+def test_presets():
+    reference = get_preset("reference")
+    assert reference.timesteps(1000) == list(range(10, 1000, 20)) and len(reference.timesteps(1000)) == 50
+    assert (reference.steps_per_timestep, reference.max_steps, reference.lr, reference.weight_decay) == (40, 2000, 0.01, 0.1)
+    assert get_preset("fast", n_tokens=3).n_tokens == 3
+    with pytest.raises(UnlearnAtkError, match="unknown budget preset 'huge'"):
+        get_preset("huge")
+    with pytest.raises(UnlearnAtkError, match=r"unknown UnlearnDiffAtk setting\(s\) \['tokens'\]"):
+        get_preset("fast", tokens=3)
+
+
+def test_projection_lands_on_the_simplex_and_matches_the_sort_solution():
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(4, 1000, generator=generator) * 0.1 + 1e-3
+    projected = project_to_simplex(rows)
+    assert torch.allclose(projected.sum(-1), torch.ones(4), atol=1e-5)
+    assert projected.min() >= 0
+    # exact Euclidean projection (sort-based) for comparison
+    ordered = rows.sort(dim=-1, descending=True).values
+    cumulative = ordered.cumsum(-1) - 1
+    index = torch.arange(1, 1001)
+    count = ((ordered - cumulative / index) > 0).sum(-1, keepdim=True)
+    exact = (rows - cumulative.gather(-1, count - 1) / count).clamp(min=0)
+    assert torch.allclose(projected, exact, atol=1e-5)
+
+
+def test_injected_embeddings_equal_the_ids_they_stand_for(tiny_model):
+    """The hook route gives the same text features as the real token ids (transformers 5 safe)."""
+    text_encoder = tiny_model.pipeline.text_encoder
+    layout = TokenLayout.from_pipeline(tiny_model.pipeline)
+    adversarial = [320, 1125, 539]
+    real_ids = torch.tensor([layout.sequence([2735], adversarial)])
+    placeholder_ids = torch.tensor([layout.sequence([2735], [layout.pad_id] * 3)])
+    with torch.no_grad():
+        expected = text_encoder(real_ids)[0]
+        with EmbeddingInjector(text_encoder, [1, 2, 3]).active() as injector:
+            injector.embeddings = text_encoder.get_input_embeddings().weight[adversarial]
+            injected = text_encoder(placeholder_ids)[0]
+        after = text_encoder(placeholder_ids)[0]
+    assert torch.allclose(injected, expected, atol=1e-6)
+    assert not torch.allclose(after, expected, atol=1e-3)  # the hook is gone after the block
