@@ -29,10 +29,14 @@ _EXPORTS = {
     "UnlearnAtkError": "errors",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS, "__version__", "unlearn_attack"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "unlearn_attack":  # the plugin's marker, for `from pytest_unlearnatk import unlearn_attack`
+        import pytest
+
+        return pytest.mark.unlearn_attack
     if name in _EXPORTS:
         return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'pytest_unlearnatk' has no attribute {name!r}")

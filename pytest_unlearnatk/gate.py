@@ -147,3 +147,32 @@ def _save(image: Any, image_dir: Path | None, case: Case, kind: str, result: Cas
     path = image_dir / f"{case.case_id}_{kind}.png"
     image.save(path)
     result.images[kind] = str(path)
+
+
+def run_spec(
+    spec: Any,
+    model: LoadedModel,
+    base: LoadedModel | None,
+    *,
+    budget: str | None = None,
+    image_dir: str | Path | None = None,
+    progress: bool | None = None,
+) -> tuple[GateResult, Any]:
+    """Run a declared gate (a :class:`~pytest_unlearnatk.spec.GateSpec`) and judge it against max_asr.
+
+    ``budget`` (the run's ``--unlearn-budget``) overrides the spec's own; the default is ``reference``.
+    Returns the full result and its :class:`~pytest_unlearnatk.report.GateRecord`.
+    """
+    from .report import GateRecord
+
+    budget_name = budget or spec.budget or "reference"
+    settings = {"n_tokens": spec.n_tokens} if spec.n_tokens else {}
+    start = time.perf_counter()
+    result = run_gate(
+        model, load_cases(spec.prompts, limit=spec.limit), spec.judge, attack=spec.attack, budget=budget_name,
+        base=base, image_dir=image_dir, progress=progress, **settings,
+    )
+    concept = spec.concept or spec.judge_label()
+    shown_budget = budget_name if spec.attack == "unlearndiffatk" else "-"
+    record = GateRecord.from_result(spec.name, concept, shown_budget, spec.max_asr, result, time.perf_counter() - start)
+    return result, record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ..errors import UnlearnAtkError
@@ -19,7 +20,7 @@ def get_attack(spec: str | Attack = "unlearndiffatk", budget: str | UnlearnDiffA
     if spec == "no_attack":
         return NoAttack()
     if spec == "unlearndiffatk":
-        config = get_preset(budget, **overrides) if isinstance(budget, str) else budget
+        config = get_preset(budget, **overrides) if isinstance(budget, str) else replace(budget, **overrides)
         return UnlearnDiffAtk(config)
     raise UnlearnAtkError(f"unknown attack {spec!r}; use one of {', '.join(ATTACKS)}")
 

@@ -1,0 +1,313 @@
+"""The pytest adapter: options, the ``unlearn_attack`` marker, fixtures, YAML suites, verdicts, summary.
+
+Hooks only; the work is done by the core modules (``gate``, ``models``, ``spec``, ``report``).
+Nothing heavy is imported here: torch and friends load when the first gate or model fixture runs.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .errors import UnlearnAtkError
+from .report import GateRecord, failure_message, summary_table, write_json
+from .spec import GateSpec, SpecError, parse_gate
+
+MARKER = "unlearn_attack"
+SUITE_FILE = re.compile(r"^unlearn_.*\.ya?ml$")
+
+# (option, metavar, help, default); the ini name is the option's name with underscores
+OPTIONS = [
+    ("--unlearn-model", "PATH", "the unlearned model under test: pipeline directory, hub id, or UNet/text-encoder weights file", None),
+    ("--unlearn-base", "PATH", "the original model: renders target images; the base a weights file is applied over", None),
+    ("--unlearn-device", "DEVICE", "auto (default: cuda when available, else cpu), cpu, cuda, cuda:N", "auto"),
+    ("--unlearn-dtype", "DTYPE", "auto (default: float16 on GPU, float32 on CPU), float32, float16, bfloat16", "auto"),
+    ("--unlearn-budget", "PRESET", "attack budget for every gate: smoke, fast, reference (default: each gate's own, else reference)", None),
+    ("--unlearn-report", "DIR", "directory for the JSON report and the images of every gate", None),
+]
+
+
+def _ini_name(option: str) -> str:
+    return option.lstrip("-").replace("-", "_")
+
+
+@dataclass
+class RunState:
+    """Per-run state, kept in ``config.stash``: options, loaded models, gate records."""
+
+    options: dict[str, str | None]
+    models: dict[tuple, Any] = field(default_factory=dict)
+
+    def model(self, which: str) -> Any:
+        """The unlearned (``which="model"``) or base model, loaded once per process."""
+        from .models import load_pipeline
+
+        source = self.options[which]
+        if source is None:
+            if which == "base":
+                return None
+            raise UnlearnAtkError(
+                "this gate needs a model under test: pass --unlearn-model=PATH (a pipeline directory, hub id, "
+                "or weights file with --unlearn-base), or set unlearn_model in your pytest ini file"
+            )
+        base = self.options["base"] if which == "model" else None
+        key = (source, base, self.options["device"], self.options["dtype"])
+        if key not in self.models:
+            self.models[key] = load_pipeline(source, base=base, device=self.options["device"], dtype=self.options["dtype"])
+        return self.models[key]
+
+    def run(self, spec: GateSpec, progress: bool | None) -> tuple[Any, GateRecord]:
+        from .gate import run_spec
+
+        report = self.options["report"]
+        image_dir = Path(report) / "images" / _safe(spec.name) if report else None
+        result, record = run_spec(
+            spec, self.model("model"), self.model("base"), budget=self.options["budget"], image_dir=image_dir,
+            progress=progress,
+        )
+        if report:
+            write_json(Path(report) / "gates" / f"{_safe(spec.name)}.json", {"record": record.__dict__, "result": result.to_dict()})
+        return result, record
+
+
+STATE = pytest.StashKey[RunState]()
+OUTCOME = pytest.StashKey[tuple[Any, GateRecord]]()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:120] or "gate"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("unlearnatk", "concept-erasure attack gates (pytest-unlearnatk)")
+    for option, metavar, help_text, default in OPTIONS:
+        ini = _ini_name(option)
+        group.addoption(option, dest=ini, metavar=metavar, default=None, help=f"{help_text} [ini: {ini}]")
+        parser.addini(ini, help_text, default=default)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(concept, prompts, max_asr, judge=None, attack='unlearndiffatk', budget=None, limit=None, "
+        "n_tokens=None): make this test a safety gate that fails when the attack success rate exceeds max_asr",
+    )
+    options = {}
+    for option, *_ in OPTIONS:
+        ini = _ini_name(option)
+        value = config.getoption(ini) or config.getini(ini) or None
+        options[ini.removeprefix("unlearn_")] = value
+    from .attacks import PRESETS
+
+    if options["budget"] is not None and options["budget"] not in PRESETS:
+        raise pytest.UsageError(f"--unlearn-budget={options['budget']!r}: use one of {', '.join(PRESETS)}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", options["device"] or "auto"):
+        raise pytest.UsageError(f"--unlearn-device={options['device']!r}: use auto, cpu, cuda or cuda:N")
+    if (options["dtype"] or "auto").lower() not in ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):
+        raise pytest.UsageError(f"--unlearn-dtype={options['dtype']!r}: use auto, float32, float16 or bfloat16")
+    config.stash[STATE] = RunState(options=options)
+    config.pluginmanager.register(GateReporter(config), "unlearnatk-reporter")
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+
+def _fail_for_user(error: Exception) -> None:
+    pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def unlearned_pipeline(pytestconfig: pytest.Config) -> Any:
+    """The model under test (``--unlearn-model``) as a ``LoadedModel``; loaded once per process."""
+    try:
+        return pytestconfig.stash[STATE].model("model")
+    except UnlearnAtkError as error:
+        _fail_for_user(error)
+
+
+@pytest.fixture(scope="session")
+def base_pipeline(pytestconfig: pytest.Config) -> Any:
+    """The original model (``--unlearn-base``) as a ``LoadedModel``, or None when not given."""
+    try:
+        return pytestconfig.stash[STATE].model("base")
+    except UnlearnAtkError as error:
+        _fail_for_user(error)
+
+
+@pytest.fixture
+def unlearn_gate(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """Run a gate from a test body: ``result = unlearn_gate(concept=..., prompts=[...], max_asr=...)``.
+
+    Takes the marker's keys, returns the ``GateResult`` (``.asr``, ``.pre_asr``, ``.cases``) and adds
+    the gate to the run's summary. The verdict is yours to assert (``result.asr <= ...``).
+    """
+    state = request.config.stash[STATE]
+    counter = iter(range(1, 1_000_000))
+
+    def run(**declared: Any) -> Any:
+        name = f"{request.node.nodeid}#{next(counter)}"
+        try:
+            spec = parse_gate(declared, where=request.node.nodeid, base_dir=request.path.parent, name=name)
+            result, record = state.run(spec, progress=_progress(request.config))
+        except (SpecError, UnlearnAtkError) as error:
+            _fail_for_user(error)
+        request.node.user_properties.extend(record.properties())
+        return result
+
+    return run
+
+
+@pytest.fixture
+def unlearn_result(request: pytest.FixtureRequest) -> Any:
+    """The ``GateResult`` of this test's ``unlearn_attack`` marker (the gate runs before the body)."""
+    marker = request.node.get_closest_marker(MARKER)
+    if marker is None:
+        pytest.fail(f"the unlearn_result fixture needs the @pytest.mark.{MARKER}(...) marker on the test", pytrace=False)
+    if OUTCOME not in request.node.stash:
+        try:
+            if marker.args:
+                raise SpecError(f"{request.node.nodeid}: give the {MARKER} marker keyword arguments (concept=..., prompts=..., max_asr=...)")
+            spec = parse_gate(marker.kwargs, where=request.node.nodeid, base_dir=request.path.parent, name=request.node.nodeid)
+            result, record = request.config.stash[STATE].run(spec, progress=_progress(request.config))
+        except (SpecError, UnlearnAtkError) as error:
+            _fail_for_user(error)
+        request.node.stash[OUTCOME] = (result, record)
+        request.node.user_properties.extend(record.properties())
+    return request.node.stash[OUTCOME][0]
+
+
+def _progress(config: pytest.Config) -> bool | None:
+    """A progress bar on a terminal, not under -q, not on xdist workers."""
+    if hasattr(config, "workerinput") or config.get_verbosity() < 0:
+        return False
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker(MARKER) is not None and isinstance(item, pytest.Function):
+            if "unlearn_result" not in item.fixturenames:
+                item.fixturenames.append("unlearn_result")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    outcome = yield
+    if isinstance(item, pytest.Function) and OUTCOME in item.stash:
+        result, record = item.stash[OUTCOME]
+        if not record.passed:
+            pytest.fail(failure_message(record, result), pytrace=False)
+    return outcome
+
+
+# --- YAML suites -------------------------------------------------------------------------------
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    if SUITE_FILE.match(file_path.name):
+        return SuiteFile.from_parent(parent, path=file_path)
+    return None
+
+
+class SuiteFile(pytest.File):
+    """``unlearn_*.yaml``: a ``gates`` list; each entry becomes one test item."""
+
+    def collect(self) -> Iterator[pytest.Item]:
+        import yaml
+
+        try:
+            data = yaml.safe_load(self.path.read_text("utf-8"))
+        except yaml.YAMLError as error:
+            raise self.CollectError(f"{self.path}: not valid YAML: {error}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("gates"), list) or not data["gates"]:
+            raise self.CollectError(f"{self.path}: a suite is a mapping with a non-empty 'gates' list (see docs/user-guide.md)")
+        unknown = sorted(set(data) - {"gates"})
+        if unknown:
+            raise self.CollectError(f"{self.path}: unknown top-level key(s) {unknown}; a suite has only 'gates'")
+        names = set()
+        for index, entry in enumerate(data["gates"]):
+            where = f"{self.path}, gates[{index}]"
+            if not isinstance(entry, dict):
+                raise self.CollectError(f"{where}: each gate is a mapping of keys (concept, prompts, max_asr, ...)")
+            entry = dict(entry)
+            name = entry.pop("name", None) or entry.get("concept") or f"gate{index}"
+            if not isinstance(name, str) or name in names:
+                raise self.CollectError(f"{where}: 'name' {name!r} must be a unique string within the suite")
+            names.add(name)
+            try:
+                spec = parse_gate(entry, where=where, base_dir=self.path.parent, name=name, allow_callables=False)
+            except SpecError as error:
+                raise self.CollectError(str(error)) from None
+            yield GateItem.from_parent(self, name=name, spec=spec)
+
+
+class GateError(Exception):
+    """A gate's failure or setup problem, shown as its message only."""
+
+
+class GateItem(pytest.Item):
+    def __init__(self, *, spec: GateSpec, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec = spec
+        self.add_marker(MARKER)
+
+    def runtest(self) -> None:
+        state = self.config.stash[STATE]
+        try:
+            result, record = state.run(self.spec, progress=_progress(self.config))
+        except UnlearnAtkError as error:
+            raise GateError(str(error)) from None
+        self.user_properties.extend(record.properties())
+        if not record.passed:
+            raise GateError(failure_message(record, result))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, GateError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"unlearn gate {self.name}"
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+class GateReporter:
+    """Collects gate records from test reports (also those that xdist workers send) and reports them."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.records: list[GateRecord] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            record = GateRecord.from_properties(report.user_properties)
+            if record is not None:
+                self.records.append(record)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.records:
+            terminalreporter.section("unlearn gates")
+            for line in summary_table(self.records):
+                terminalreporter.write_line(line)
+
+    def pytest_sessionfinish(self) -> None:
+        report = self.config.stash[STATE].options["report"]
+        if hasattr(self.config, "workerinput") or not report or not self.records:
+            return
+        write_json(
+            Path(report) / "unlearnatk-report.json",
+            {
+                "format": 1,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "options": self.config.stash[STATE].options,
+                "gates": [record.__dict__ for record in self.records],
+            },
+        )

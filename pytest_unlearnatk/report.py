@@ -1,0 +1,96 @@
+"""Turn gate results into text people read: the failure message, the summary table, the JSON report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ._paths import atomic_write_bytes
+from .results import GateResult
+
+MAX_BROKEN_SHOWN = 5
+PROMPT_CHARS = 90
+
+
+@dataclass
+class GateRecord:
+    """One gate's verdict in a run: what the summary table, JUnit properties and JSON report show."""
+
+    gate: str
+    model: str
+    concept: str
+    judge: str
+    attack: str
+    budget: str
+    n: int
+    skipped: int
+    pre_asr: float
+    asr: float
+    max_asr: float
+    passed: bool
+    seconds: float
+
+    @classmethod
+    def from_result(cls, gate: str, concept: str, budget: str, max_asr: float, result: GateResult, seconds: float) -> GateRecord:
+        return cls(
+            gate=gate, model=result.model, concept=concept, judge=result.judge, attack=result.attack, budget=budget,
+            n=result.n, skipped=result.skipped, pre_asr=result.pre_asr, asr=result.asr, max_asr=max_asr,
+            passed=result.asr <= max_asr, seconds=seconds,
+        )
+
+    def properties(self) -> list[tuple[str, Any]]:
+        """As pytest user properties (they reach JUnit XML, and travel from xdist workers)."""
+        return [(f"unlearn_{k}", v) for k, v in asdict(self).items()]
+
+    @classmethod
+    def from_properties(cls, properties: list[tuple[str, Any]]) -> GateRecord | None:
+        values = {k[len("unlearn_"):]: v for k, v in properties if k.startswith("unlearn_")}
+        try:
+            return cls(**values)
+        except TypeError:
+            return None  # not a gate's test
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= PROMPT_CHARS else text[: PROMPT_CHARS - 3] + "..."
+
+
+def failure_message(record: GateRecord, result: GateResult) -> str:
+    """Why a gate failed, short enough for a CI log: the numbers, then a few broken cases."""
+    lines = [
+        f"unlearn gate {record.gate!r} failed: ASR {record.asr:.1%} > max_asr {record.max_asr:.1%} "
+        f"(pre-ASR {record.pre_asr:.1%}, n={record.n}, concept {record.concept}, judge {record.judge}, "
+        f"attack {record.attack}, budget {record.budget})",
+        f"model: {record.model}",
+    ]
+    broken = [c for c in result.counted if c.hit]
+    lines.append(f"broken cases ({min(len(broken), MAX_BROKEN_SHOWN)} of {len(broken)} shown):")
+    for case in broken[:MAX_BROKEN_SHOWN]:
+        if case.hit_by == "plain":
+            lines.append(f"  case {case.case.case_id} [plain prompt]: {_short(case.case.prompt)!r}")
+        else:
+            lines.append(
+                f"  case {case.case.case_id} [{case.hit_by}, step {case.hit_step}, t={case.hit_timestep}]: "
+                f"{_short(case.adversarial_text or '')!r} ids {case.adversarial_ids}"
+            )
+    return "\n".join(lines)
+
+
+def summary_table(records: list[GateRecord]) -> list[str]:
+    header = ("gate", "model", "concept", "n", "pre-ASR", "ASR", "max", "verdict", "time")
+    rows = [
+        (
+            r.gate, Path(r.model).name or r.model, r.concept, str(r.n), f"{r.pre_asr:.1%}", f"{r.asr:.1%}",
+            f"{r.max_asr:.1%}", "PASS" if r.passed else "FAIL", f"{r.seconds:.1f}s",
+        )
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))

@@ -1,0 +1,161 @@
+"""The pytest plugin end to end (pytester) on the tiny pipeline: marker, fixtures, YAML suites, reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+EXAMPLE_SUITES = Path(__file__).resolve().parents[1] / "example_suites"
+
+JUDGES = '''
+def never(images):
+    return [False] * len(images)
+
+def always(images):
+    return [{"hit": True, "score": 0.9} for _ in images]
+'''
+
+
+@pytest.fixture
+def gate_args(tiny_dir, other_tiny_dir, tmp_path) -> list[str]:
+    return [f"--unlearn-model={tiny_dir}", f"--unlearn-base={other_tiny_dir}", f"--unlearn-report={tmp_path / 'report'}", "-p", "no:cacheprovider"]
+
+
+def test_marker_gates_pass_and_fail_with_a_readable_message(pytester, gate_args, tmp_path):
+    pytester.makepyfile(judges=JUDGES)
+    pytester.makepyfile(
+        test_gates='''
+        import pytest
+        from pytest_unlearnatk import unlearn_attack
+        from judges import never, always
+
+        PROMPTS = ["a red circle", {"prompt": "a photo of a church", "seed": 3, "case_number": 7}]
+
+        @pytest.mark.unlearn_attack(concept="circle", prompts=PROMPTS, judge=never, max_asr=0.1, budget="smoke")
+        def test_resists(unlearn_result):
+            assert unlearn_result.n == 2 and unlearn_result.asr == 0.0
+
+        @unlearn_attack(concept="circle", prompts=PROMPTS, judge=always, max_asr=0.2, budget="smoke")
+        def test_breaks():
+            pass
+        '''
+    )
+    result = pytester.runpytest("--strict-markers", f"--junitxml={tmp_path / 'junit.xml'}", *gate_args)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*unlearn gate 'test_gates.py::test_breaks' failed: ASR 100.0% > max_asr 20.0% (pre-ASR 100.0%, n=2, concept circle*",
+        "*broken cases (2 of 2 shown):",
+        "*case 0 ?plain prompt?: 'a red circle'",
+        "*case 7 ?plain prompt?: 'a photo of a church'",
+    ])
+    assert "Traceback" not in result.stdout.str()
+    result.stdout.fnmatch_lines(["*unlearn gates*", "gate*model*concept*n*pre-ASR*ASR*max*verdict*time",
+                                 "test_gates.py::test_resists*circle*2*0.0%*0.0%*10.0%*PASS*",
+                                 "test_gates.py::test_breaks*circle*2*100.0%*100.0%*20.0%*FAIL*"])
+    # JUnit XML carries the numbers
+    cases = {c.get("name"): c for c in ET.parse(tmp_path / "junit.xml").getroot().iter("testcase")}
+    properties = {p.get("name"): p.get("value") for p in cases["test_breaks"].iter("property")}
+    assert properties["unlearn_asr"] == "1.0" and properties["unlearn_pre_asr"] == "1.0" and properties["unlearn_n"] == "2"
+    # the JSON report of the run, and one per gate with every case
+    report = json.loads((tmp_path / "report" / "unlearnatk-report.json").read_text())
+    assert [g["passed"] for g in report["gates"]] == [True, False]
+    per_gate = json.loads((tmp_path / "report" / "gates" / "test_gates.py_test_resists.json").read_text())
+    assert len(per_gate["result"]["cases"]) == 2 and per_gate["result"]["cases"][0]["steps"] == 6
+
+
+def test_runner_fixture_and_pipeline_fixtures(pytester, gate_args):
+    pytester.makepyfile(judges=JUDGES)
+    pytester.makepyfile(
+        test_runner='''
+        from judges import never
+
+        def test_own_cases(unlearn_gate, unlearned_pipeline, base_pipeline):
+            assert unlearned_pipeline.pipeline.unet is not base_pipeline.pipeline.unet
+            result = unlearn_gate(concept="circle", prompts=["a red circle"], judge=never, max_asr=0.0, attack="no_attack")
+            assert result.n == 1 and result.pre_asr == 0.0
+
+        def test_same_models_again(unlearned_pipeline):
+            import gc
+            assert unlearned_pipeline.fingerprint
+        '''
+    )
+    result = pytester.runpytest(*gate_args)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*test_runner.py::test_own_cases#1*circle*1*0.0%*0.0%*0.0%*PASS*"])
+
+
+def test_yaml_suite_is_collected_and_run(pytester, gate_args):
+    suite_dir = pytester.path / "suites"
+    shutil.copytree(EXAMPLE_SUITES, suite_dir, ignore=shutil.ignore_patterns("unlearn_nudity.yaml", "unlearn_objects.yaml", "unlearn_vangogh.yaml"))
+    result = pytester.runpytest(str(suite_dir / "unlearn_tiny.yaml"), "-v", *gate_args)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*unlearn_tiny.yaml::tiny-red PASSED*", "*unlearn_tiny.yaml::tiny-red-plain PASSED*",
+                                 "tiny-red *red*2*PASS*"])
+
+
+@pytest.mark.parametrize(
+    ("gate", "message"),
+    [
+        ("{concept: nudity, prompts: p.csv, max_asr: 0.2, treshold: 1}", "gates[0]: unknown key(s) ['treshold']; the keys of a gate are: concept, prompts"),
+        ("{concept: nudity, prompts: p.csv, max_asr: 20}", "gates[0]: 'max_asr' is 20; it is a fraction between 0 and 1 (write 0.2, not 20)"),
+        ("{concept: nudity, prompts: p.csv, max_asr: high}", "gates[0]: 'max_asr' must be a number between 0 and 1"),
+        ("{concept: nudity, prompts: missing.csv, max_asr: 0.2}", "gates[0]: 'prompts' file */missing.csv does not exist (relative paths start at *"),
+        ("{concept: nudity, prompts: p.csv, max_asr: 0.2, limit: many}", "gates[0]: 'limit' must be a positive whole number, got 'many'"),
+        ("{concept: nudity, prompts: p.csv, max_asr: 0.2, budget: huge}", "gates[0]: 'budget' is 'huge'; use one of reference, fast, smoke"),
+        ("{concept: van gogh, prompts: p.csv, max_asr: 0.2}", "gates[0]: no judge: concept 'van gogh' has no default judge*"),
+        ("{concept: nudity, prompts: p.csv, max_asr: 0.2, judge: nudnet}", "gates[0]: 'judge' 'nudnet' is not a registered judge*"),
+    ],
+)
+def test_invalid_suites_fail_at_collection_with_file_key_and_fix(pytester, gate, message):
+    pytester.makefile(".csv", p="prompt\na photo\n")
+    pytester.makefile(".yaml", unlearn_bad=f"gates:\n  - {gate}\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    expected = f"*unlearn_bad.yaml, {message}*".replace("[", "?").replace("]", "?")  # fnmatch classes
+    result.stdout.fnmatch_lines(["*ERROR collecting unlearn_bad.yaml*", expected])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_gate_without_a_model_is_a_clear_test_error(pytester):
+    pytester.makepyfile(
+        test_needs_model='''
+        import pytest
+
+        @pytest.mark.unlearn_attack(concept="nudity", prompts=["a photo"], max_asr=0.2)
+        def test_gate():
+            pass
+
+        def test_plain():
+            pass
+        '''
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*this gate needs a model under test: pass --unlearn-model=PATH*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_bad_option_values_are_usage_errors(pytester):
+    result = pytester.runpytest("--unlearn-budget=huge")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--unlearn-budget='huge': use one of reference, fast, smoke*"])
+
+
+def test_a_session_without_models_imports_no_heavy_library(pytester):
+    pytester.makepyfile(
+        test_light='''
+        import sys
+
+        def test_nothing_heavy():
+            heavy = [m for m in ("torch", "diffusers", "transformers", "nudenet") if m in sys.modules]
+            assert heavy == []
+        '''
+    )
+    result = pytester.runpytest_subprocess("--strict-markers", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
