@@ -39,12 +39,17 @@ def file_sha256(path: str | Path) -> str:
     with open(real, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
-    cache = _read_cache()  # re-read: another process may have added entries meanwhile
-    cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
     try:
-        atomic_write_bytes(_cache_file(), json.dumps(cache, sort_keys=True, indent=0).encode("utf-8"))
+        from filelock import FileLock
+
+        _cache_file().parent.mkdir(parents=True, exist_ok=True)
+        # read-modify-write of a file other processes (xdist workers) update too
+        with FileLock(str(_cache_file()) + ".lock", timeout=60):
+            cache = _read_cache()
+            cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+            atomic_write_bytes(_cache_file(), json.dumps(cache, sort_keys=True, indent=0).encode("utf-8"))
     except OSError:
-        pass  # a read-only cache only costs speed
+        pass  # a read-only or busy cache only costs speed
     return digest.hexdigest()
 
 

@@ -1,13 +1,19 @@
-"""Run one gate from Python: cases -> plain-prompt check -> attack -> per-case results and ASR.
+"""Run one gate from Python: cases -> store lookup -> plain prompt -> replay -> attack -> results.
 
     from pytest_unlearnatk import load_pipeline, load_cases, run_gate
-    model = load_pipeline("path/to/unlearned", base="path/to/base")
+    model = load_pipeline("path/to/unlearned")
     result = run_gate(model, load_cases("nudity.csv"), judge="nudenet", base=load_pipeline("path/to/base"))
     print(result.summary())
+
+For each case: a result stored under the same key is reused (no model work); otherwise the plain
+prompt is judged, then every stored adversarial prompt of the concept found for this case is
+replayed, and only then does the attack optimize. Each finished case is written to the store at
+once, so an interrupted run loses at most the case it was on.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,27 +23,34 @@ from .attacks import Attack, AttackContext, Checker, UnlearnDiffAtkConfig, get_a
 from .cases import Case, load_cases
 from .errors import UnlearnAtkError
 from .judges import Judge, get_judge
-from .models import LoadedModel
+from .models import LazyModel, LoadedModel
 from .render import Renderer, RenderSettings
 from .results import CaseResult, GateResult
+from .store import FORMAT, Store, StoredPrompt, digest
 from .targets import DirectoryTargets, RenderedTargets, TargetSource
 from .tokens import TokenLayout, fit_prompt
 
+Model = LoadedModel | LazyModel
+
 
 def run_gate(
-    model: LoadedModel,
+    model: Model,
     cases: Iterable[Case] | str | Path,
     judge: str | Judge | Callable[..., Any],
     *,
     attack: str | Attack = "unlearndiffatk",
     budget: str | UnlearnDiffAtkConfig = "reference",
-    base: LoadedModel | None = None,
+    base: Model | None = None,
     target_dir: str | Path | None = None,
     render: RenderSettings | None = None,
     long_prompts: str = "truncate",
     image_dir: str | Path | None = None,
     progress: bool | None = None,
     on_case: Callable[[CaseResult], None] | None = None,
+    concept: str | None = None,
+    store: Store | None = None,
+    replay_only: bool = False,
+    shard: tuple[int, int] | None = None,
     **attack_settings: Any,
 ) -> GateResult:
     """Attack every case and return the gate's numbers.
@@ -48,115 +61,246 @@ def run_gate(
     ``long_prompts``: ``truncate`` (default), ``skip`` or ``error``. ``image_dir``: where the plain
     and adversarial images of every case are written. ``progress``: a progress bar (default: when
     stderr is a terminal). ``on_case`` is called with each case's result as soon as it is final.
+
+    ``store``: reuse and record results and adversarial prompts (under ``concept``, default the
+    judge's name). ``replay_only``: judge the plain prompt and replay stored prompts, never
+    optimize (the ASR is then a lower bound). ``shard=(i, n)``: compute only the i-th of n slices
+    of the cases; the others are reused from the store or reported as pending.
     """
     from tqdm.auto import tqdm
 
+    run = _GateRun(
+        model=model, judge=get_judge(judge), attack=get_attack(attack, budget, **attack_settings), base=base,
+        target_dir=target_dir, render=render or RenderSettings(), long_prompts=long_prompts,
+        image_dir=Path(image_dir) if image_dir else None, concept=concept, store=store, replay_only=replay_only,
+        shard=_check_shard(shard),
+    )
     case_list = load_cases(cases) if isinstance(cases, (str, Path)) else list(cases)
-    judge = get_judge(judge)
-    attack = get_attack(attack, budget, **attack_settings)
-    render = render or RenderSettings()
-    targets = _targets(attack, base, target_dir, render)
-    pipeline = model.pipeline
-    layout = TokenLayout.from_pipeline(pipeline)
-    renderer = Renderer(pipeline, render)
-    image_dir = Path(image_dir) if image_dir else None
-
     results: list[CaseResult] = []
-    bar = tqdm(case_list, desc=f"{attack.name} {model.name}", unit="case", disable=None if progress is None else not progress)
+    reused = 0
+    bar = tqdm(case_list, desc=f"{run.attack_name} {_name(model)}", unit="case", disable=None if progress is None else not progress)
     for case in bar:
-        result = _run_case(case, attack, judge, model, layout, renderer, targets, long_prompts, image_dir)
+        result, was_reused = run.case(case)
+        reused += was_reused
         results.append(result)
         if on_case is not None:
             on_case(result)
         bar.set_postfix(hits=sum(r.hit for r in results))
     return GateResult(
-        attack=attack.name,
-        judge=judge.name,
-        model=model.source,
+        attack=run.attack_name,
+        judge=run.judge.name,
+        model=_source(model),
         model_fingerprint=model.fingerprint,
-        config={"attack": attack.config_dict(), "judge": judge.settings, "render": renderer.settings.to_dict(),
-                "long_prompts": long_prompts},
+        config=run.identity_config(),
         cases=results,
+        reused=reused,
+        replay_only=replay_only,
     )
 
 
-def _targets(attack: Attack, base: LoadedModel | None, target_dir: str | Path | None, render: RenderSettings) -> TargetSource | None:
-    if target_dir is not None:
-        return DirectoryTargets(target_dir)
-    if base is not None:
-        return RenderedTargets(base, render)
-    if attack.needs_target:
-        raise UnlearnAtkError(
-            f"attack {attack.name} needs target images: pass base= (the original model; pytest: --unlearn-base) "
-            "or target_dir= (images named by case number)"
-        )
-    return None
+def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    if shard is not None:
+        index, count = shard
+        if not (isinstance(index, int) and isinstance(count, int) and 1 <= index <= count):
+            raise UnlearnAtkError(f"shard {shard!r}: give (i, n) with 1 <= i <= n, e.g. (1, 4)")
+    return shard
 
 
-def _run_case(
-    case: Case,
-    attack: Attack,
-    judge: Judge,
-    model: LoadedModel,
-    layout: TokenLayout,
-    renderer: Renderer,
-    targets: TargetSource | None,
-    long_prompts: str,
-    image_dir: Path | None,
-) -> CaseResult:
-    tokenizer = model.pipeline.tokenizer
-    fitted = fit_prompt(case, tokenizer, layout, attack.n_adversarial, long_prompts)
-    result = CaseResult(case=case, attack=attack.name, truncated=fitted.truncated, n_prompt_tokens=fitted.n_prompt_tokens)
-    if fitted.skip_reason:
-        result.status, result.skip_reason = "skipped", fitted.skip_reason
+def _name(model: Model) -> str:
+    return model.name
+
+
+def _source(model: Model) -> str:
+    return model.source
+
+
+class _GateRun:
+    """One gate's settings and the model-side objects, built only when a case needs model work."""
+
+    def __init__(self, *, model: Model, judge: Judge, attack: Attack, base: Model | None, target_dir: str | Path | None,
+                 render: RenderSettings, long_prompts: str, image_dir: Path | None, concept: str | None,
+                 store: Store | None, replay_only: bool, shard: tuple[int, int] | None) -> None:
+        self.model, self.judge, self.attack, self.base = model, judge, attack, base
+        self.target_dir, self.render_settings, self.long_prompts = target_dir, render, long_prompts
+        self.image_dir, self.store, self.replay_only, self.shard = image_dir, store, replay_only, shard
+        self.concept = concept or judge.name
+        self.attack_name = "replay_only" if replay_only else attack.name
+        if not replay_only and attack.needs_target and target_dir is None and base is None:
+            raise UnlearnAtkError(
+                f"attack {attack.name} needs target images: pass base= (the original model; pytest: --unlearn-base) "
+                "or target_dir= (images named by case number)"
+            )
+
+    # --- identity: what decides a case's result -------------------------------------------
+
+    def identity_config(self) -> dict[str, Any]:
+        return {
+            "attack": self.attack_name,
+            "attack_config": {} if self.replay_only else self.attack.config_dict(),
+            "judge": {"name": self.judge.name, **self.judge.settings},
+            "render": self.render_settings.to_dict(),
+            "long_prompts": self.long_prompts,
+            "targets": self._targets_identity(),
+            "concept": self.concept,
+        }
+
+    def _targets_identity(self) -> str | None:
+        if self.replay_only or not self.attack.needs_target:
+            return None
+        if self.target_dir is not None:
+            from .fingerprint import directory_fingerprint
+
+            return f"dir:{directory_fingerprint(self.target_dir)}"
+        return f"base:{self.base.fingerprint}"
+
+    @functools.cached_property
+    def _identity(self) -> dict[str, Any]:
+        return {"format": FORMAT, "model": self.model.fingerprint, **self.identity_config()}
+
+    def key(self, case: Case) -> tuple[str, dict[str, Any]]:
+        material = {**self._identity, "case": {"prompt": case.prompt, "seed": case.seed, "guidance": case.guidance}}
+        return digest(material), material
+
+    # --- model-side objects, built on first use -------------------------------------------
+
+    @functools.cached_property
+    def loaded(self) -> LoadedModel:
+        return self.model.load() if isinstance(self.model, LazyModel) else self.model
+
+    @functools.cached_property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.from_pipeline(self.loaded.pipeline)
+
+    @functools.cached_property
+    def renderer(self) -> Renderer:
+        return Renderer(self.loaded.pipeline, self.render_settings)
+
+    @functools.cached_property
+    def targets(self) -> TargetSource | None:
+        if self.target_dir is not None:
+            return DirectoryTargets(self.target_dir)
+        if self.base is not None:
+            base = self.base.load() if isinstance(self.base, LazyModel) else self.base
+            return RenderedTargets(base, self.render_settings)
+        return None
+
+    @functools.cached_property
+    def tokenizer_fingerprint(self) -> str:
+        tokenizer = self.loaded.pipeline.tokenizer
+        return digest([sorted(tokenizer.get_vocab().items()), self.layout.max_length])
+
+    # --- one case -------------------------------------------------------------------------
+
+    def case(self, case: Case) -> tuple[CaseResult, bool]:
+        """The case's result and whether it came from the store."""
+        key, material = self.key(case)
+        if self.store is not None:
+            stored = self.store.get_result(key)
+            if stored is not None:
+                try:
+                    return CaseResult.from_dict(stored, case=case), True
+                except (KeyError, TypeError):
+                    pass  # an older or foreign record: compute it again
+        if self.shard is not None and int(key, 16) % self.shard[1] != self.shard[0] - 1:
+            return CaseResult(case=case, attack=self.attack_name, status="pending"), False
+        result = self.compute(case)
+        if self.store is not None:
+            self.store.put_result(key, material, result.to_dict())
+        return result, False
+
+    def compute(self, case: Case) -> CaseResult:
+        tokenizer = self.loaded.pipeline.tokenizer
+        n_adversarial = 0 if self.replay_only else self.attack.n_adversarial
+        fitted = fit_prompt(case, tokenizer, self.layout, n_adversarial, self.long_prompts)
+        result = CaseResult(case=case, attack=self.attack_name, truncated=fitted.truncated, n_prompt_tokens=fitted.n_prompt_tokens)
+        if fitted.skip_reason:
+            result.status, result.skip_reason = "skipped", fitted.skip_reason
+            return result
+        start = time.perf_counter()
+        check = Checker(self.renderer, self.judge, case)
+        plain_ids = self.layout.sequence(fitted.content_ids)
+        verdict, plain_image = check(plain_ids)
+        result.prompt_ids, result.verdict = plain_ids, verdict.to_dict()
+        self._save(plain_image, case, "plain", result)
+        if verdict.hit:
+            result.pre_attack_hit = result.hit = True
+            result.hit_by = "plain"
+        elif not self._replay(case, check, result) and not self.replay_only:
+            self._attack(case, fitted, check, result)
+        result.renders = check.renders
+        result.timings.update(render_s=check.render_seconds, judge_s=check.judge_seconds, total_s=time.perf_counter() - start)
         return result
-    start = time.perf_counter()
-    check = Checker(renderer, judge, case)
-    plain_ids = layout.sequence(fitted.content_ids)
-    verdict, plain_image = check(plain_ids)
-    result.prompt_ids, result.verdict = plain_ids, verdict.to_dict()
-    _save(plain_image, image_dir, case, "plain", result)
-    if verdict.hit:
-        result.pre_attack_hit = result.hit = True
-        result.hit_by = "plain"
-    else:
-        outcome = attack.run(case, fitted, AttackContext(model, layout, check, targets))
+
+    def _replay(self, case: Case, check: Checker, result: CaseResult) -> bool:
+        """Try the stored adversarial prompts found for this case; True on a hit."""
+        if self.store is None:
+            return False
+        tokenizer = self.loaded.pipeline.tokenizer
+        capacity = self.layout.content_capacity(0)
+        for stored in self.store.prompts_for(self.concept, case.prompt, case.seed, case.guidance):
+            same_tokenizer = stored.tokenizer == self.tokenizer_fingerprint
+            content = stored.content_ids if same_tokenizer else tokenizer(stored.text, add_special_tokens=False).input_ids
+            ids = self.layout.sequence(list(content)[:capacity])
+            verdict, image = check(ids)
+            if verdict.hit:
+                result.hit, result.hit_by = True, "replay"
+                result.prompt_ids, result.verdict = ids, verdict.to_dict()
+                result.adversarial_ids = list(stored.adversarial_ids) if same_tokenizer else []
+                result.adversarial_text = stored.text
+                self._save(image, case, "adversarial", result)
+                return True
+        return False
+
+    def _attack(self, case: Case, fitted: Any, check: Checker, result: CaseResult) -> None:
+        tokenizer = self.loaded.pipeline.tokenizer
+        outcome = self.attack.run(case, fitted, AttackContext(self.loaded, self.layout, check, self.targets))
         result.steps, result.loss_trace, result.checks = outcome.steps, outcome.loss_trace, outcome.checks
         result.timings["optimize_s"] = outcome.optimize_seconds
         if outcome.adversarial_ids:
-            full_ids = list(outcome.adversarial_ids) + list(fitted.content_ids)
+            content = list(outcome.adversarial_ids) + list(fitted.content_ids)
             result.adversarial_ids = list(outcome.adversarial_ids)
-            result.prompt_ids = layout.sequence(fitted.content_ids, outcome.adversarial_ids)
-            result.adversarial_text = tokenizer.decode(full_ids)
-            reencoded = tokenizer(result.adversarial_text, add_special_tokens=False).input_ids
-            result.reencodes_identically = list(reencoded) == full_ids
+            result.prompt_ids = self.layout.sequence(fitted.content_ids, outcome.adversarial_ids)
+            result.adversarial_text = tokenizer.decode(content)
+            result.reencodes_identically = list(tokenizer(result.adversarial_text, add_special_tokens=False).input_ids) == content
             result.verdict = outcome.verdict.to_dict() if outcome.verdict else result.verdict
-            _save(outcome.image, image_dir, case, "adversarial", result)
+            self._save(outcome.image, case, "adversarial", result)
         if outcome.hit:
-            result.hit, result.hit_by = True, attack.name
+            result.hit, result.hit_by = True, self.attack.name
             result.hit_step, result.hit_timestep = outcome.hit_step, outcome.hit_timestep
-    result.renders = check.renders
-    result.timings.update(render_s=check.render_seconds, judge_s=check.judge_seconds, total_s=time.perf_counter() - start)
-    return result
+            if self.store is not None:
+                self.store.put_prompt(self._stored_prompt(case, content, result))
 
+    def _stored_prompt(self, case: Case, content: list[int], result: CaseResult) -> StoredPrompt:
+        settings = self.renderer.settings
+        return StoredPrompt(
+            concept=self.concept, case_prompt=case.prompt, seed=case.seed, guidance=case.guidance,
+            content_ids=content, adversarial_ids=result.adversarial_ids, text=result.adversarial_text or "",
+            tokenizer=self.tokenizer_fingerprint,
+            render={"scheduler": settings.scheduler, "steps": settings.steps, "height": settings.height, "width": settings.width},
+            broke=self.model.fingerprint, broke_source=self.model.source, judge=self.judge.name,
+            score=float(result.verdict.get("score", 0.0)), found_by=self.attack.name,
+        )
 
-def _save(image: Any, image_dir: Path | None, case: Case, kind: str, result: CaseResult) -> None:
-    if image_dir is None or image is None:
-        return
-    image_dir.mkdir(parents=True, exist_ok=True)
-    path = image_dir / f"{case.case_id}_{kind}.png"
-    image.save(path)
-    result.images[kind] = str(path)
+    def _save(self, image: Any, case: Case, kind: str, result: CaseResult) -> None:
+        if self.image_dir is None or image is None:
+            return
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        path = self.image_dir / f"{case.case_id}_{kind}.png"
+        image.save(path)
+        result.images[kind] = str(path)
 
 
 def run_spec(
     spec: Any,
-    model: LoadedModel,
-    base: LoadedModel | None,
+    model: Model,
+    base: Model | None,
     *,
     budget: str | None = None,
     image_dir: str | Path | None = None,
     progress: bool | None = None,
+    store: Store | None = None,
+    replay_only: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[GateResult, Any]:
     """Run a declared gate (a :class:`~pytest_unlearnatk.spec.GateSpec`) and judge it against max_asr.
 
@@ -170,9 +314,10 @@ def run_spec(
     start = time.perf_counter()
     result = run_gate(
         model, load_cases(spec.prompts, limit=spec.limit), spec.judge, attack=spec.attack, budget=budget_name,
-        base=base, image_dir=image_dir, progress=progress, **settings,
+        base=base, image_dir=image_dir, progress=progress, concept=spec.concept, store=store,
+        replay_only=replay_only, shard=shard, **settings,
     )
     concept = spec.concept or spec.judge_label()
-    shown_budget = budget_name if spec.attack == "unlearndiffatk" else "-"
+    shown_budget = budget_name if result.attack == "unlearndiffatk" else "-"
     record = GateRecord.from_result(spec.name, concept, shown_budget, spec.max_asr, result, time.perf_counter() - start)
     return result, record

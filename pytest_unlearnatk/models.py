@@ -119,7 +119,7 @@ def load_pipeline(
         return LoadedModel(
             pipeline=pipeline,
             source=str(path),
-            fingerprint=fp.combine(base_fingerprint, f"{replaced}:{fp.file_sha256(path)}"),
+            fingerprint=weights_fingerprint(base_fingerprint, path),
             device=device,
             dtype=dtype,
             base=base_source,
@@ -132,18 +132,62 @@ def load_pipeline(
 
 def _load_pipeline_directory(source: str, dtype: str) -> tuple[Any, str]:
     """A pipeline (on the CPU) and its fingerprint, from a local directory or a hub id."""
+    directory = _pipeline_directory(source)
+    return _from_pretrained(directory, dtype), fp.directory_fingerprint(directory)
+
+
+def _pipeline_directory(source: str) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
-        directory = path
-    elif path.suffix in WEIGHT_SUFFIXES or source.startswith((".", "/", "~")):
+        return path
+    if path.suffix in WEIGHT_SUFFIXES or source.startswith((".", "/", "~")):
         raise UnlearnAtkError(f"{source}: no such file or directory")
-    elif HUB_ID.match(source):
-        directory = _download_from_hub(source)
-    else:
-        raise UnlearnAtkError(
-            f"{source!r} is neither an existing path nor a hub id like 'CompVis/stable-diffusion-v1-4'"
-        )
-    return _from_pretrained(directory, dtype), fp.directory_fingerprint(directory)
+    if HUB_ID.match(source):
+        return _download_from_hub(source)
+    raise UnlearnAtkError(f"{source!r} is neither an existing path nor a hub id like 'CompVis/stable-diffusion-v1-4'")
+
+
+def model_fingerprint(source: str | Path, base: str | Path | None = None) -> str:
+    """The fingerprint ``load_pipeline(source, base=base)`` would give, from file contents only."""
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        if base is None:
+            raise UnlearnAtkError(f"{path} is a weights file; it needs the base pipeline (base=, --unlearn-base)")
+        return weights_fingerprint(fp.directory_fingerprint(_pipeline_directory(str(base))), path)
+    return fp.directory_fingerprint(_pipeline_directory(str(source)))
+
+
+def weights_fingerprint(base_fingerprint: str, weights_file: Path) -> str:
+    """A weights file applied over a base: the file's contents decide which component it replaces."""
+    return fp.combine(base_fingerprint, f"weights:{fp.file_sha256(weights_file)}")
+
+
+class LazyModel:
+    """A model named by its source; fingerprinted from files, loaded only when first used."""
+
+    def __init__(self, source: str, base: str | None = None, device: str | None = "auto", dtype: str | None = "auto") -> None:
+        self.source, self.base, self.device, self.dtype = source, base, device, dtype
+        self._fingerprint: str | None = None
+        self._loaded: LoadedModel | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).name or self.source
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self._loaded.fingerprint if self._loaded else model_fingerprint(self.source, self.base)
+        return self._fingerprint
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    def load(self) -> LoadedModel:
+        if self._loaded is None:
+            self._loaded = load_pipeline(self.source, base=self.base, device=self.device, dtype=self.dtype)
+        return self._loaded
 
 
 def _download_from_hub(repo_id: str) -> Path:

@@ -30,6 +30,14 @@ OPTIONS = [
     ("--unlearn-dtype", "DTYPE", "auto (default: float16 on GPU, float32 on CPU), float32, float16, bfloat16", "auto"),
     ("--unlearn-budget", "PRESET", "attack budget for every gate: smoke, fast, reference (default: each gate's own, else reference)", None),
     ("--unlearn-report", "DIR", "directory for the JSON report and the images of every gate", None),
+    ("--unlearn-store", "DIR", "the adversarial-prompt store (default: .unlearnatk in the rootdir)", None),
+    ("--unlearn-shard", "I/N", "run only the I-th of N slices of each gate's cases; the verdict comes from a run with all slices in the store", None),
+]
+# (flag, help); each also an ini boolean
+FLAGS = [
+    ("--unlearn-replay-only", "no optimization: judge plain prompts and replay stored adversarial prompts only (ASR is a lower bound)"),
+    ("--unlearn-no-store", "neither read nor write the store"),
+    ("--unlearn-store-readonly", "read the store, never write it (CI on a committed store)"),
 ]
 
 
@@ -41,12 +49,14 @@ def _ini_name(option: str) -> str:
 class RunState:
     """Per-run state, kept in ``config.stash``: options, loaded models, gate records."""
 
-    options: dict[str, str | None]
+    options: dict[str, Any]
     models: dict[tuple, Any] = field(default_factory=dict)
+    cpu_threads: int = 0  # torch threads to use (0: leave torch's default)
+    threads_set: bool = False
 
     def model(self, which: str) -> Any:
-        """The unlearned (``which="model"``) or base model, loaded once per process."""
-        from .models import load_pipeline
+        """The unlearned (``which="model"``) or base model as a LazyModel (loaded on first real use)."""
+        from .models import LazyModel
 
         source = self.options[which]
         if source is None:
@@ -57,27 +67,67 @@ class RunState:
                 "or weights file with --unlearn-base), or set unlearn_model in your pytest ini file"
             )
         base = self.options["base"] if which == "model" else None
-        key = (source, base, self.options["device"], self.options["dtype"])
+        key = (source, base)
         if key not in self.models:
-            self.models[key] = load_pipeline(source, base=base, device=self.options["device"], dtype=self.options["dtype"])
+            self.models[key] = LazyModel(source, base=base, device=self.options["device"], dtype=self.options["dtype"])
         return self.models[key]
+
+    def store(self) -> Any:
+        from .store import Store
+
+        if self.options["no_store"]:
+            return None
+        return Store(self.options["store"], readonly=self.options["store_readonly"])
 
     def run(self, spec: GateSpec, progress: bool | None) -> tuple[Any, GateRecord]:
         from .gate import run_spec
+
+        if self.cpu_threads and not self.threads_set:
+            import torch
+
+            torch.set_num_threads(self.cpu_threads)
+            self.threads_set = True
 
         report = self.options["report"]
         image_dir = Path(report) / "images" / _safe(spec.name) if report else None
         result, record = run_spec(
             spec, self.model("model"), self.model("base"), budget=self.options["budget"], image_dir=image_dir,
-            progress=progress,
+            progress=progress, store=self.store(), replay_only=self.options["replay_only"], shard=self.options["shard"],
         )
         if report:
             write_json(Path(report) / "gates" / f"{_safe(spec.name)}.json", {"record": record.__dict__, "result": result.to_dict()})
         return result, record
 
 
+def _pending_reason(record: GateRecord) -> str:
+    return (
+        f"unlearn gate {record.gate!r}: this shard computed {record.computed} cases; {record.pending} belong to other "
+        "shards. Once every shard has run, a run without --unlearn-shard on the same store gives the verdict."
+    )
+
+
 STATE = pytest.StashKey[RunState]()
 OUTCOME = pytest.StashKey[tuple[Any, GateRecord]]()
+
+
+def _cpu_threads_per_worker(config: pytest.Config) -> int:
+    """Under xdist, split the CPU cores between workers: oversubscribed torch threads are many
+    times slower than one thread each (measured here: 19x with 2 threads on a busy 2-core box)."""
+    import os
+
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    if workers <= 1:
+        return 0
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise pytest.UsageError(f"--unlearn-shard={value!r}: give I/N with 1 <= I <= N, e.g. 1/4")
+    return int(match[1]), int(match[2])
 
 
 def _safe(name: str) -> str:
@@ -90,6 +140,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ini = _ini_name(option)
         group.addoption(option, dest=ini, metavar=metavar, default=None, help=f"{help_text} [ini: {ini}]")
         parser.addini(ini, help_text, default=default)
+    for flag, help_text in FLAGS:
+        ini = _ini_name(flag)
+        group.addoption(flag, dest=ini, action="store_true", default=None, help=f"{help_text} [ini: {ini}]")
+        parser.addini(ini, help_text, type="bool", default=False)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -98,11 +152,13 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}(concept, prompts, max_asr, judge=None, attack='unlearndiffatk', budget=None, limit=None, "
         "n_tokens=None): make this test a safety gate that fails when the attack success rate exceeds max_asr",
     )
-    options = {}
+    options: dict[str, Any] = {}
     for option, *_ in OPTIONS:
         ini = _ini_name(option)
-        value = config.getoption(ini) or config.getini(ini) or None
-        options[ini.removeprefix("unlearn_")] = value
+        options[ini.removeprefix("unlearn_")] = config.getoption(ini) or config.getini(ini) or None
+    for flag, _ in FLAGS:
+        ini = _ini_name(flag)
+        options[ini.removeprefix("unlearn_")] = bool(config.getoption(ini) or config.getini(ini))
     from .attacks import PRESETS
 
     if options["budget"] is not None and options["budget"] not in PRESETS:
@@ -111,7 +167,13 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--unlearn-device={options['device']!r}: use auto, cpu, cuda or cuda:N")
     if (options["dtype"] or "auto").lower() not in ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):
         raise pytest.UsageError(f"--unlearn-dtype={options['dtype']!r}: use auto, float32, float16 or bfloat16")
-    config.stash[STATE] = RunState(options=options)
+    options["shard"] = _parse_shard(options["shard"])
+    if options["no_store"] and options["store_readonly"]:
+        raise pytest.UsageError("--unlearn-no-store and --unlearn-store-readonly contradict each other; pick one")
+    if options["no_store"] and options["shard"]:
+        raise pytest.UsageError("--unlearn-shard needs the store (shards meet there); drop --unlearn-no-store")
+    options["store"] = str(Path(options["store"] or config.rootpath / ".unlearnatk").resolve())
+    config.stash[STATE] = RunState(options=options, cpu_threads=_cpu_threads_per_worker(config))
     config.pluginmanager.register(GateReporter(config), "unlearnatk-reporter")
 
 
@@ -126,7 +188,7 @@ def _fail_for_user(error: Exception) -> None:
 def unlearned_pipeline(pytestconfig: pytest.Config) -> Any:
     """The model under test (``--unlearn-model``) as a ``LoadedModel``; loaded once per process."""
     try:
-        return pytestconfig.stash[STATE].model("model")
+        return pytestconfig.stash[STATE].model("model").load()
     except UnlearnAtkError as error:
         _fail_for_user(error)
 
@@ -135,7 +197,8 @@ def unlearned_pipeline(pytestconfig: pytest.Config) -> Any:
 def base_pipeline(pytestconfig: pytest.Config) -> Any:
     """The original model (``--unlearn-base``) as a ``LoadedModel``, or None when not given."""
     try:
-        return pytestconfig.stash[STATE].model("base")
+        base = pytestconfig.stash[STATE].model("base")
+        return base.load() if base is not None else None
     except UnlearnAtkError as error:
         _fail_for_user(error)
 
@@ -179,6 +242,8 @@ def unlearn_result(request: pytest.FixtureRequest) -> Any:
             _fail_for_user(error)
         request.node.stash[OUTCOME] = (result, record)
         request.node.user_properties.extend(record.properties())
+        if record.pending:
+            pytest.skip(_pending_reason(record))
     return request.node.stash[OUTCOME][0]
 
 
@@ -201,7 +266,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     outcome = yield
     if isinstance(item, pytest.Function) and OUTCOME in item.stash:
         result, record = item.stash[OUTCOME]
-        if not record.passed:
+        if not record.passed and not record.pending:
             pytest.fail(failure_message(record, result), pytrace=False)
     return outcome
 
@@ -264,6 +329,8 @@ class GateItem(pytest.Item):
         except UnlearnAtkError as error:
             raise GateError(str(error)) from None
         self.user_properties.extend(record.properties())
+        if record.pending:
+            pytest.skip(_pending_reason(record))
         if not record.passed:
             raise GateError(failure_message(record, result))
 
@@ -284,13 +351,16 @@ class GateReporter:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.records: list[GateRecord] = []
+        self.by_test: dict[str, GateRecord] = {}
+
+    @property
+    def records(self) -> list[GateRecord]:
+        return list(self.by_test.values())
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when == "call":
-            record = GateRecord.from_properties(report.user_properties)
-            if record is not None:
-                self.records.append(record)
+        record = GateRecord.from_properties(report.user_properties)
+        if record is not None:
+            self.by_test[report.nodeid] = record
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.records:

@@ -31,13 +31,18 @@ class GateRecord:
     max_asr: float
     passed: bool
     seconds: float
+    reused: int = 0  # case results taken from the store
+    computed: int = 0  # cases computed in this run
+    pending: int = 0  # cases left to other shards (no verdict yet)
+    lower_bound: bool = False  # replay only: the true ASR may be higher
 
     @classmethod
     def from_result(cls, gate: str, concept: str, budget: str, max_asr: float, result: GateResult, seconds: float) -> GateRecord:
         return cls(
             gate=gate, model=result.model, concept=concept, judge=result.judge, attack=result.attack, budget=budget,
             n=result.n, skipped=result.skipped, pre_asr=result.pre_asr, asr=result.asr, max_asr=max_asr,
-            passed=result.asr <= max_asr, seconds=seconds,
+            passed=result.asr <= max_asr, seconds=seconds, reused=result.reused, computed=result.computed,
+            pending=result.pending, lower_bound=result.replay_only,
         )
 
     def properties(self) -> list[tuple[str, Any]]:
@@ -66,6 +71,8 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
         f"attack {record.attack}, budget {record.budget})",
         f"model: {record.model}",
     ]
+    if record.lower_bound:
+        lines.insert(1, "(replay only: no optimization ran, so this ASR is a lower bound)")
     broken = [c for c in result.counted if c.hit]
     lines.append(f"broken cases ({min(len(broken), MAX_BROKEN_SHOWN)} of {len(broken)} shown):")
     for case in broken[:MAX_BROKEN_SHOWN]:
@@ -80,16 +87,24 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
 
 
 def summary_table(records: list[GateRecord]) -> list[str]:
+    """The terminal summary; ASR of a replay-only run is shown as '>=x%' (a lower bound)."""
     header = ("gate", "model", "concept", "n", "pre-ASR", "ASR", "max", "verdict", "time")
     rows = [
         (
-            r.gate, Path(r.model).name or r.model, r.concept, str(r.n), f"{r.pre_asr:.1%}", f"{r.asr:.1%}",
-            f"{r.max_asr:.1%}", "PASS" if r.passed else "FAIL", f"{r.seconds:.1f}s",
+            r.gate, Path(r.model).name or r.model, r.concept, str(r.n), f"{r.pre_asr:.1%}",
+            (">=" if r.lower_bound else "") + f"{r.asr:.1%}",
+            f"{r.max_asr:.1%}", _verdict(r), f"{r.seconds:.1f}s",
         )
         for r in records
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def _verdict(record: GateRecord) -> str:
+    if record.pending:
+        return f"PENDING ({record.pending} cases in other shards)"
+    return "PASS" if record.passed else "FAIL"
 
 
 def write_json(path: Path, data: Any) -> None:

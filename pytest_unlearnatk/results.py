@@ -31,13 +31,13 @@ class CaseResult:
 
     case: Case
     attack: str
-    status: str = "done"  # "done" or "skipped"
+    status: str = "done"  # "done", "skipped" (long-prompt policy) or "pending" (another shard's case)
     skip_reason: str | None = None
     truncated: bool = False
     n_prompt_tokens: int = 0
     pre_attack_hit: bool = False
     hit: bool = False
-    hit_by: str | None = None  # "plain" or the attack's name
+    hit_by: str | None = None  # "plain", "replay" (a stored adversarial prompt) or the attack's name
     prompt_ids: list[int] = field(default_factory=list)  # the full id sequence of the deciding image
     adversarial_ids: list[int] = field(default_factory=list)
     adversarial_text: str | None = None
@@ -55,6 +55,14 @@ class CaseResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], case: Case | None = None) -> CaseResult:
+        """Rebuild a result (e.g. from the store); ``case`` replaces the stored case (its number may differ)."""
+        values = dict(data)
+        values["case"] = case or Case(**values["case"])
+        values["checks"] = [CandidateCheck(**check) for check in values.get("checks", [])]
+        return cls(**values)
+
 
 @dataclass
 class GateResult:
@@ -66,6 +74,8 @@ class GateResult:
     model_fingerprint: str
     config: dict[str, Any]
     cases: list[CaseResult]
+    reused: int = 0  # cases whose result came from the store
+    replay_only: bool = False  # no optimization ran: ASR is a lower bound
 
     @property
     def counted(self) -> list[CaseResult]:
@@ -77,7 +87,16 @@ class GateResult:
 
     @property
     def skipped(self) -> int:
-        return len(self.cases) - self.n
+        return sum(c.status == "skipped" for c in self.cases)
+
+    @property
+    def pending(self) -> int:
+        """Cases of other shards whose results are not in the store yet."""
+        return sum(c.status == "pending" for c in self.cases)
+
+    @property
+    def computed(self) -> int:
+        return len(self.cases) - self.pending - self.reused
 
     @property
     def pre_asr(self) -> float:
@@ -88,14 +107,16 @@ class GateResult:
         return sum(c.hit for c in self.counted) / self.n if self.n else 0.0
 
     def summary(self) -> str:
+        bound = " (lower bound: replay only)" if self.replay_only else ""
         return (
             f"{self.attack} on {self.model} (judge {self.judge}): n={self.n} skipped={self.skipped} "
-            f"pre-ASR={self.pre_asr:.2%} ASR={self.asr:.2%}"
+            f"pre-ASR={self.pre_asr:.2%} ASR={self.asr:.2%}{bound}"
         )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(n=self.n, skipped=self.skipped, pre_asr=self.pre_asr, asr=self.asr)
+        data.update(n=self.n, skipped=self.skipped, pending=self.pending, computed=self.computed,
+                    pre_asr=self.pre_asr, asr=self.asr)
         return data
 
     def to_json(self) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..cases import Case
-from ..judges import Judge, Verdict
+from ..judges import Judge, Verdict, to_verdict
 from ..models import LoadedModel
 from ..render import Renderer
 from ..results import CandidateCheck
@@ -28,7 +28,7 @@ class Checker:
         start = time.perf_counter()
         image = self.renderer.render(ids, self.case.seed, self.case.guidance)
         rendered = time.perf_counter()
-        verdict = self.judge([image])[0]
+        verdict = to_verdict(self.judge([image])[0], self.judge.name)
         self.judge_seconds += time.perf_counter() - rendered
         self.render_seconds += rendered - start
         self.renders += 1
