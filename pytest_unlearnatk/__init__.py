@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_pipeline": "models",
     "LoadedModel": "models",
+    "LazyModel": "models",
+    "Store": "store",
     "load_cases": "cases",
     "Case": "cases",
     "run_gate": "gate",
