@@ -46,11 +46,15 @@ class Case:
 
 
 def load_cases(source: str | Path | Iterable[Any], *, limit: int | None = None) -> list[Case]:
-    """Read cases from a CSV/YAML/JSON file or an inline list (of prompts or mappings).
+    """Read cases from a CSV/YAML/JSON file, a built-in set (``toy:circle``) or an inline list.
 
     Missing seeds default to ``DEFAULT_SEED`` (0), missing guidance to ``DEFAULT_GUIDANCE`` (7.5),
     missing case numbers to the row's 0-based position. ``limit`` keeps the first N cases.
     """
+    if isinstance(source, str) and source.startswith("toy:"):
+        from .toy import resolve_prompt_set
+
+        source = resolve_prompt_set(source)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():

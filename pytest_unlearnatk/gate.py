@@ -318,6 +318,6 @@ def run_spec(
         replay_only=replay_only, shard=shard, **settings,
     )
     concept = spec.concept or spec.judge_label()
-    shown_budget = budget_name if result.attack == "unlearndiffatk" else "-"
+    shown_budget = budget_name if result.attack in ("unlearndiffatk", "random") else "-"
     record = GateRecord.from_result(spec.name, concept, shown_budget, spec.max_asr, result, time.perf_counter() - start)
     return result, record

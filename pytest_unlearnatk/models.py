@@ -90,11 +90,28 @@ def load_pipeline(
 ) -> LoadedModel:
     """Load a Stable-Diffusion-style pipeline.
 
-    ``source`` is a diffusers pipeline directory (``save_pretrained`` layout), a hub id, or a
+    ``source`` is a diffusers pipeline directory (``save_pretrained`` layout), a hub id, a
     UNet / text-encoder weights file (``.safetensors``, ``.pt``, ``.bin``, ``.ckpt``) which is then
-    applied over ``base``. ``component`` forces ``unet`` or ``text_encoder`` for a weights file
-    (by default it is told from the keys).
+    applied over ``base``, or a bundled toy model (``toy:base``, ``toy:erased``). ``component``
+    forces ``unet`` or ``text_encoder`` for a weights file (by default it is told from the keys).
     """
+    name = str(source)
+    base_name = base.source if isinstance(base, LoadedModel) else (None if base is None else str(base))
+    resolved, resolved_base = _resolve_builtin(name, base_name)
+    loaded = _load(resolved, base=resolved_base, device=device, dtype=dtype, component=component)
+    loaded.source = name
+    if loaded.base is not None:
+        loaded.base = base_name or loaded.base
+    return loaded
+
+
+def _resolve_builtin(source: str, base: str | None) -> tuple[str, str | None]:
+    from .toy import resolve_model
+
+    return resolve_model(source, base)
+
+
+def _load(source: str, *, base: str | None, device: str | None, dtype: str | None, component: str | None) -> LoadedModel:
     device = select_device(device)
     dtype = select_dtype(dtype, device)
     source_str = str(source)
@@ -110,7 +127,7 @@ def load_pipeline(
                 f"{path} is a weights file; it needs the base pipeline it was fine-tuned from: "
                 "pass base=PATH_OR_HUB_ID (pytest: --unlearn-base)"
             )
-        base_source = base.source if isinstance(base, LoadedModel) else str(base)
+        base_source = str(base)
         if Path(base_source).expanduser().is_file():
             raise UnlearnAtkError(f"base {base_source} is a file; the base must be a pipeline directory or a hub id")
         pipeline, base_fingerprint = _load_pipeline_directory(base_source, dtype)
@@ -149,6 +166,7 @@ def _pipeline_directory(source: str) -> Path:
 
 def model_fingerprint(source: str | Path, base: str | Path | None = None) -> str:
     """The fingerprint ``load_pipeline(source, base=base)`` would give, from file contents only."""
+    source, base = _resolve_builtin(str(source), None if base is None else str(base))
     path = Path(str(source)).expanduser()
     if path.is_file():
         if base is None:

@@ -173,6 +173,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if options["no_store"] and options["shard"]:
         raise pytest.UsageError("--unlearn-shard needs the store (shards meet there); drop --unlearn-no-store")
     options["store"] = str(Path(options["store"] or config.rootpath / ".unlearnatk").resolve())
+    if options["model"] == "toy:erased" and options["base"] is None:
+        options["base"] = "toy:base"  # the bundled erased model's own base renders its targets
     config.stash[STATE] = RunState(options=options, cpu_threads=_cpu_threads_per_worker(config))
     config.pluginmanager.register(GateReporter(config), "unlearnatk-reporter")
 

@@ -66,7 +66,15 @@ def parse_gate(
     prompts = declared.get("prompts")
     if prompts is None:
         raise SpecError(f"{where}: 'prompts' is missing: give a CSV (I2P schema), YAML or JSON file, or a list of prompts")
-    if isinstance(prompts, (str, Path)):
+    if isinstance(prompts, str) and prompts.startswith("toy:"):
+        from .errors import UnlearnAtkError
+        from .toy import resolve_prompt_set
+
+        try:
+            prompts = str(resolve_prompt_set(prompts))
+        except UnlearnAtkError as error:
+            raise SpecError(f"{where}: 'prompts': {error}") from None
+    elif isinstance(prompts, (str, Path)):
         path = Path(prompts).expanduser()
         path = path if path.is_absolute() else (base_dir / path)
         if not path.is_file():

@@ -220,3 +220,12 @@ def test_injected_embeddings_equal_the_ids_they_stand_for(tiny_model):
         after = text_encoder(placeholder_ids)[0]
     assert torch.allclose(injected, expected, atol=1e-6)
     assert not torch.allclose(after, expected, atol=1e-3)  # the hook is gone after the block
+
+
+def test_random_baseline_uses_the_attack_budget_in_renders(tiny_model):
+    result = run_gate(tiny_model, load_cases(CASES[:1]), never, attack="random", budget="fast", render=FAST_RENDER)
+    case = result.cases[0]
+    assert result.attack == "random" and case.renders == 1 + get_preset("fast").num_timesteps
+    assert case.steps == 0 and len(case.adversarial_ids) == 5
+    again = run_gate(tiny_model, load_cases(CASES[:1]), never, attack="random", budget="fast", render=FAST_RENDER)
+    assert again.cases[0].checks == case.checks  # seeded: the same prefixes every run

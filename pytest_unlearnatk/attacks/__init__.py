@@ -8,9 +8,10 @@ from typing import Any
 from ..errors import UnlearnAtkError
 from .base import Attack, AttackContext, AttackOutcome, Checker
 from .no_attack import NoAttack
+from .random_tokens import RandomTokens
 from .unlearndiffatk import PRESETS, UnlearnDiffAtk, UnlearnDiffAtkConfig, get_preset
 
-ATTACKS = ("unlearndiffatk", "no_attack")
+ATTACKS = ("unlearndiffatk", "no_attack", "random")
 
 
 def get_attack(spec: str | Attack = "unlearndiffatk", budget: str | UnlearnDiffAtkConfig = "reference", **overrides: Any) -> Attack:
@@ -19,13 +20,13 @@ def get_attack(spec: str | Attack = "unlearndiffatk", budget: str | UnlearnDiffA
         return spec
     if spec == "no_attack":
         return NoAttack()
-    if spec == "unlearndiffatk":
+    if spec in ("unlearndiffatk", "random"):
         config = get_preset(budget, **overrides) if isinstance(budget, str) else replace(budget, **overrides)
-        return UnlearnDiffAtk(config)
+        return UnlearnDiffAtk(config) if spec == "unlearndiffatk" else RandomTokens(config)
     raise UnlearnAtkError(f"unknown attack {spec!r}; use one of {', '.join(ATTACKS)}")
 
 
 __all__ = [
-    "ATTACKS", "PRESETS", "Attack", "AttackContext", "AttackOutcome", "Checker", "NoAttack",
+    "ATTACKS", "PRESETS", "Attack", "AttackContext", "AttackOutcome", "Checker", "NoAttack", "RandomTokens",
     "UnlearnDiffAtk", "UnlearnDiffAtkConfig", "get_attack", "get_preset",
 ]

@@ -27,8 +27,15 @@ def _imagenet(**settings: Any) -> Judge:
     return ImageNetJudge(**settings)
 
 
+def _toy_circle(**settings: Any) -> Judge:
+    from ..toy.judge import ToyCircleJudge
+
+    return ToyCircleJudge(**settings)
+
+
 # name -> factory(**settings). Factories import their heavy dependencies only when called.
-JUDGES: dict[str, Callable[..., Judge]] = {"nudenet": _nudenet, "hf_classifier": _hf_classifier, "imagenet": _imagenet}
+JUDGES: dict[str, Callable[..., Judge]] = {"nudenet": _nudenet, "hf_classifier": _hf_classifier, "imagenet": _imagenet,
+                                            "toy_circle": _toy_circle}
 
 
 def get_judge(spec: str | Mapping[str, Any] | Judge | Callable[..., Any], **settings: Any) -> Judge:
