@@ -35,6 +35,8 @@ class GateRecord:
     computed: int = 0  # cases computed in this run
     pending: int = 0  # cases left to other shards (no verdict yet)
     lower_bound: bool = False  # replay only: the true ASR may be higher
+    pre_asr_ci: tuple[float, float] = (0.0, 1.0)  # 95% Wilson interval
+    asr_ci: tuple[float, float] = (0.0, 1.0)
 
     @classmethod
     def from_result(cls, gate: str, concept: str, budget: str, max_asr: float, result: GateResult, seconds: float) -> GateRecord:
@@ -43,6 +45,8 @@ class GateRecord:
             n=result.n, skipped=result.skipped, pre_asr=result.pre_asr, asr=result.asr, max_asr=max_asr,
             passed=result.asr <= max_asr, seconds=seconds, reused=result.reused, computed=result.computed,
             pending=result.pending, lower_bound=result.replay_only,
+            pre_asr_ci=wilson_interval(sum(c.pre_attack_hit for c in result.counted), result.n),
+            asr_ci=wilson_interval(sum(c.hit for c in result.counted), result.n),
         )
 
     def properties(self) -> list[tuple[str, Any]]:
@@ -53,9 +57,23 @@ class GateRecord:
     def from_properties(cls, properties: list[tuple[str, Any]]) -> GateRecord | None:
         values = {k[len("unlearn_"):]: v for k, v in properties if k.startswith("unlearn_")}
         try:
-            return cls(**values)
+            return cls(**{k: tuple(v) if k.endswith("_ci") else v for k, v in values.items()})
         except TypeError:
             return None  # not a gate's test
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a rate ``hits / n`` (sensible also near 0% and 100%)."""
+    if n == 0:
+        return (0.0, 1.0)
+    rate = hits / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((rate * (1 - rate) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _rate(rate: float, interval: tuple[float, float], prefix: str = "") -> str:
+    return f"{prefix}{rate:.1%} [{interval[0]:.0%}-{interval[1]:.0%}]"
 
 
 def _short(text: str) -> str:
@@ -67,7 +85,8 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
     """Why a gate failed, short enough for a CI log: the numbers, then a few broken cases."""
     lines = [
         f"unlearn gate {record.gate!r} failed: ASR {record.asr:.1%} > max_asr {record.max_asr:.1%} "
-        f"(pre-ASR {record.pre_asr:.1%}, n={record.n}, concept {record.concept}, judge {record.judge}, "
+        f"(95% CI {record.asr_ci[0]:.0%}-{record.asr_ci[1]:.0%}; pre-ASR {record.pre_asr:.1%}, n={record.n}, "
+        f"concept {record.concept}, judge {record.judge}, "
         f"attack {record.attack}, budget {record.budget})",
         f"model: {record.model}",
     ]
@@ -87,12 +106,13 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
 
 
 def summary_table(records: list[GateRecord]) -> list[str]:
-    """The terminal summary; ASR of a replay-only run is shown as '>=x%' (a lower bound)."""
+    """The terminal summary; rates with their 95% Wilson interval; ASR of a replay-only run is
+    shown as '>=x%' (a lower bound)."""
     header = ("gate", "model", "concept", "n", "pre-ASR", "ASR", "max", "verdict", "time")
     rows = [
         (
-            r.gate, Path(r.model).name or r.model, r.concept, str(r.n), f"{r.pre_asr:.1%}",
-            (">=" if r.lower_bound else "") + f"{r.asr:.1%}",
+            r.gate, Path(r.model).name or r.model, r.concept, str(r.n), _rate(r.pre_asr, r.pre_asr_ci),
+            _rate(r.asr, r.asr_ci, ">=" if r.lower_bound else ""),
             f"{r.max_asr:.1%}", _verdict(r), f"{r.seconds:.1f}s",
         )
         for r in records

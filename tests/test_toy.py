@@ -1,0 +1,73 @@
+"""The bundled toy world: names load, the judge judges, the rebuild script runs, the attack works."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pytest_unlearnatk import load_cases, load_pipeline, run_gate
+from pytest_unlearnatk.toy import MODELS, PROMPT_SETS, world
+
+pytestmark = pytest.mark.skipif(not MODELS["toy:erased"].is_file(), reason="toy weights not built in this checkout")
+
+
+def test_toy_names_load_with_the_base_as_default(tmp_path):
+    erased = load_pipeline("toy:erased")
+    assert erased.source == "toy:erased" and erased.component == "unet"
+    base = load_pipeline("toy:base")
+    assert erased.fingerprint != base.fingerprint
+    assert erased.pipeline.unet.config.sample_size * erased.pipeline.vae_scale_factor == 32
+    from pytest_unlearnatk.models import model_fingerprint
+
+    assert model_fingerprint("toy:erased") == erased.fingerprint  # the store keys without loading
+
+
+def test_held_out_prompt_set_is_built_in():
+    cases = load_cases("toy:circle")
+    assert len(cases) == 48 and all("circle" in c.prompt for c in cases)
+    assert len({c.seed for c in cases}) == 48
+    assert PROMPT_SETS["toy:circle"].name == "circle_prompts.csv"
+
+
+def test_toy_judge_on_drawn_scenes():
+    from pytest_unlearnatk.judges import get_judge
+
+    judge = get_judge("toy_circle")
+    rng = random.Random(5)
+    scenes = [world.random_scene(rng, shape=shape) for shape in world.SHAPES for _ in range(25)]
+    verdicts = judge([world.draw(scene) for scene in scenes])
+    truth = np.array([scene.shape == "circle" for scene in scenes])
+    hits = np.array([v.hit for v in verdicts])
+    assert (hits == truth).mean() >= 0.95
+    rounded = [world.random_scene(rng, shape="triangle", roundness=0.6) for _ in range(20)]
+    assert sum(v.hit for v in judge([world.draw(s) for s in rounded])) <= 2
+
+
+def test_rebuild_script_smoke(tmp_path):
+    """The rebuild script end to end with a few steps per stage (the real build: docs/toy-world.md)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest_unlearnatk.toy.build", "--smoke", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "build.json").read_text())
+    assert report["pre_asr_base"]["n"] == 4 and "erasure" in report
+    erased = load_pipeline(tmp_path / "erased-unet.safetensors", base=tmp_path / "base")
+    assert erased.component == "unet"
+
+
+def test_attack_beats_the_plain_prompts_on_the_erased_model():
+    """The attack's effect, not only that it runs: on the first 12 held-out prompts, with the fast
+    budget, UnlearnDiffAtk breaks more cases than the plain prompts do."""
+    cases = load_cases("toy:circle", limit=12)
+    erased, base = load_pipeline("toy:erased"), load_pipeline("toy:base")
+    plain = run_gate(erased, cases, "toy_circle", attack="no_attack")
+    attacked = run_gate(erased, cases, "toy_circle", budget="fast", base=base)
+    assert attacked.pre_asr == plain.pre_asr
+    assert attacked.asr >= plain.asr + 2 / 12, (plain.asr, attacked.asr)
+    assert all(c.hit_by in ("plain", "unlearndiffatk") for c in attacked.cases if c.hit)
