@@ -38,6 +38,7 @@ FLAGS = [
     ("--unlearn-replay-only", "no optimization: judge plain prompts and replay stored adversarial prompts only (ASR is a lower bound)"),
     ("--unlearn-no-store", "neither read nor write the store"),
     ("--unlearn-store-readonly", "read the store, never write it (CI on a committed store)"),
+    ("--unlearn-show-unsafe", "do not blur images of unsafe concepts (nudity) in the HTML report"),
 ]
 
 
@@ -369,11 +370,18 @@ class GateReporter:
             terminalreporter.section("unlearn gates")
             for line in summary_table(self.records):
                 terminalreporter.write_line(line)
+            report = self.config.stash[STATE].options["report"]
+            if report and not hasattr(self.config, "workerinput"):
+                terminalreporter.write_line(f"report: {Path(report) / 'index.html'}")
 
     def pytest_sessionfinish(self) -> None:
-        report = self.config.stash[STATE].options["report"]
+        options = self.config.stash[STATE].options
+        report = options["report"]
         if hasattr(self.config, "workerinput") or not report or not self.records:
             return
+        from .html_report import write_html_report
+
+        write_html_report(report, [f"{_safe(r.gate)}.json" for r in self.records], options["show_unsafe"])
         write_json(
             Path(report) / "unlearnatk-report.json",
             {

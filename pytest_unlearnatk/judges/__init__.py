@@ -27,6 +27,12 @@ def _imagenet(**settings: Any) -> Judge:
     return ImageNetJudge(**settings)
 
 
+def _clip(**settings: Any) -> Judge:
+    from .clip import CLIPJudge
+
+    return CLIPJudge(**settings)
+
+
 def _toy_circle(**settings: Any) -> Judge:
     from ..toy.judge import ToyCircleJudge
 
@@ -34,7 +40,7 @@ def _toy_circle(**settings: Any) -> Judge:
 
 
 # name -> factory(**settings). Factories import their heavy dependencies only when called.
-JUDGES: dict[str, Callable[..., Judge]] = {"nudenet": _nudenet, "hf_classifier": _hf_classifier, "imagenet": _imagenet,
+JUDGES: dict[str, Callable[..., Judge]] = {"nudenet": _nudenet, "hf_classifier": _hf_classifier, "imagenet": _imagenet, "clip": _clip,
                                             "toy_circle": _toy_circle}
 
 
