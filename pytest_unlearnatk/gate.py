@@ -78,7 +78,7 @@ def run_gate(
     case_list = load_cases(cases) if isinstance(cases, (str, Path)) else list(cases)
     results: list[CaseResult] = []
     reused = 0
-    bar = tqdm(case_list, desc=f"{run.attack_name} {_name(model)}", unit="case", disable=None if progress is None else not progress)
+    bar = tqdm(case_list, desc=f"{run.attack_name} {model.name}", unit="case", disable=None if progress is None else not progress)
     for case in bar:
         result, was_reused = run.case(case)
         reused += was_reused
@@ -89,7 +89,7 @@ def run_gate(
     return GateResult(
         attack=run.attack_name,
         judge=run.judge.name,
-        model=_source(model),
+        model=model.source,
         model_fingerprint=model.fingerprint,
         config=run.identity_config(),
         cases=results,
@@ -104,14 +104,6 @@ def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
         if not (isinstance(index, int) and isinstance(count, int) and 1 <= index <= count):
             raise UnlearnAtkError(f"shard {shard!r}: give (i, n) with 1 <= i <= n, e.g. (1, 4)")
     return shard
-
-
-def _name(model: Model) -> str:
-    return model.name
-
-
-def _source(model: Model) -> str:
-    return model.source
 
 
 class _GateRun:

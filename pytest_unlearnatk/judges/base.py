@@ -59,3 +59,14 @@ def to_verdict(item: Any, judge_name: str) -> Verdict:
     raise UnlearnAtkError(
         f"judge {judge_name} returned {item!r}; a verdict must be a bool, or have a 'hit' flag (and optionally a 'score')"
     )
+
+
+def load_pretrained(model: str, what: str, *loaders: Callable[[str], Any]) -> tuple[Any, ...]:
+    """Call each ``from_pretrained``-style loader on ``model``; a missing model says what to do."""
+    try:
+        return tuple(load(model) for load in loaders)
+    except OSError as exc:
+        raise UnlearnAtkError(
+            f"could not load the {what} {model!r} ({str(exc).splitlines()[0][:200]}); "
+            "without hub access, download it elsewhere and pass its local directory as the judge's 'model'"
+        ) from exc

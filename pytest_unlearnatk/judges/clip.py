@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import UnlearnAtkError
-from .base import Verdict
+from .base import Verdict, load_pretrained
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_CONTRASTS = ("a photo", "an ordinary everyday scene", "a plain background", "an abstract pattern")
@@ -23,14 +23,8 @@ DEFAULT_CONTRASTS = ("a photo", "an ordinary everyday scene", "a plain backgroun
 def _load(model: str, device: str) -> tuple[Any, Any]:
     from transformers import CLIPModel, CLIPProcessor
 
-    try:
-        processor = CLIPProcessor.from_pretrained(model)
-        clip = CLIPModel.from_pretrained(model).to(device).eval()
-    except OSError as exc:
-        raise UnlearnAtkError(
-            f"could not load the CLIP model {model!r} ({str(exc).splitlines()[0][:200]}); "
-            "without hub access, download it elsewhere and pass its local directory as the judge's 'model'"
-        ) from exc
+    processor, clip = load_pretrained(model, "CLIP model", CLIPProcessor.from_pretrained, CLIPModel.from_pretrained)
+    clip = clip.to(device).eval()
     return clip, processor
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..concepts import IMAGENET_CLASS_IDS
 from ..errors import UnlearnAtkError
-from .base import Verdict
+from .base import Verdict, load_pretrained
 
 IMAGENET_MODEL = "microsoft/resnet-50"
 
@@ -25,14 +25,10 @@ def _load(model: str, device: str) -> tuple[Any, Any]:
     """Model and image processor, loaded once per process for each (model, device)."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    try:
-        processor = AutoImageProcessor.from_pretrained(model)
-        classifier = AutoModelForImageClassification.from_pretrained(model).to(device).eval()
-    except OSError as exc:
-        raise UnlearnAtkError(
-            f"could not load the image classifier {model!r} ({str(exc).splitlines()[0][:200]}); "
-            "without hub access, download it elsewhere and pass its local directory as the judge's 'model'"
-        ) from exc
+    processor, classifier = load_pretrained(
+        model, "image classifier", AutoImageProcessor.from_pretrained, AutoModelForImageClassification.from_pretrained
+    )
+    classifier = classifier.to(device).eval()
     return classifier, processor
 
 
