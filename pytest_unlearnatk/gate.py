@@ -306,8 +306,8 @@ def run_spec(
     start = time.perf_counter()
     result = run_gate(
         model, load_cases(spec.prompts, limit=spec.limit), spec.judge, attack=spec.attack, budget=budget_name,
-        base=base, image_dir=image_dir, progress=progress, concept=spec.concept, store=store,
-        replay_only=replay_only, shard=shard, **settings,
+        base=base, render=RenderSettings(**spec.render), image_dir=image_dir, progress=progress, concept=spec.concept,
+        store=store, replay_only=replay_only, shard=shard, **settings,
     )
     concept = spec.concept or spec.judge_label()
     shown_budget = budget_name if result.attack in ("unlearndiffatk", "random") else "-"

@@ -19,7 +19,8 @@ from .attacks import ATTACKS, PRESETS
 from .concepts import concept_defaults
 from .judges import JUDGES
 
-GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens")
+GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", "render")
+RENDER_KEYS = ("scheduler", "steps", "height", "width", "negative_prompt")
 
 
 class SpecError(ValueError):
@@ -39,6 +40,7 @@ class GateSpec:
     budget: str | None = None  # None: the run's --unlearn-budget, else "reference"
     limit: int | None = None
     n_tokens: int | None = None
+    render: dict[str, Any] = field(default_factory=dict)  # RenderSettings fields; {} = the reference's
     where: str = ""  # file or test that declared it, for messages
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -123,8 +125,27 @@ def parse_gate(
         n_tokens = defaults.n_tokens
     return GateSpec(
         name=name, concept=concept, prompts=prompts, max_asr=float(max_asr), judge=judge, attack=attack,
-        budget=budget, limit=limit, n_tokens=n_tokens, where=where,
+        budget=budget, limit=limit, n_tokens=n_tokens, render=_render(declared.get("render"), where), where=where,
     )
+
+
+def _render(value: Any, where: str) -> dict[str, Any]:
+    """Render settings of a gate (scheduler, steps, height, width, negative_prompt), checked."""
+    from .errors import UnlearnAtkError
+    from .render import RenderSettings
+
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where}: 'render' must be a mapping like {{steps: 25}}, got {value!r}")
+    unknown = sorted(set(value) - set(RENDER_KEYS))
+    if unknown:
+        raise SpecError(f"{where}: unknown 'render' key(s) {unknown}; allowed: {', '.join(RENDER_KEYS)}")
+    try:
+        RenderSettings(**value)
+    except (UnlearnAtkError, TypeError) as error:
+        raise SpecError(f"{where}: 'render': {error}") from None
+    return dict(value)
 
 
 def _positive_int(declared: Mapping[str, Any], key: str, where: str) -> int | None:

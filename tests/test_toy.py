@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from pytest_unlearnatk import load_cases, load_pipeline, run_gate
+from pytest_unlearnatk import RenderSettings, load_cases, load_pipeline, run_gate
 from pytest_unlearnatk.toy import MODELS, PROMPT_SETS, world
 
 pytestmark = pytest.mark.skipif(not MODELS["toy:erased"].is_file(), reason="toy weights not built in this checkout")
@@ -61,13 +61,20 @@ def test_rebuild_script_smoke(tmp_path):
     assert erased.component == "unet"
 
 
-def test_attack_beats_the_plain_prompts_on_the_erased_model():
-    """The attack's effect, not only that it runs: on the first 12 held-out prompts, with the fast
-    budget, UnlearnDiffAtk breaks more cases than the plain prompts do."""
+TOY_RENDER = RenderSettings(steps=25)  # as example_suites/unlearn_toy.yaml
+
+
+def test_erasure_holds_for_plain_prompts_while_the_base_draws_circles():
     cases = load_cases("toy:circle", limit=12)
-    erased, base = load_pipeline("toy:erased"), load_pipeline("toy:base")
-    plain = run_gate(erased, cases, "toy_circle", attack="no_attack")
-    attacked = run_gate(erased, cases, "toy_circle", budget="fast", base=base)
-    assert attacked.pre_asr == plain.pre_asr
-    assert attacked.asr >= plain.asr + 2 / 12, (plain.asr, attacked.asr)
-    assert all(c.hit_by in ("plain", "unlearndiffatk") for c in attacked.cases if c.hit)
+    base = run_gate(load_pipeline("toy:base"), cases, "toy_circle", attack="no_attack", render=TOY_RENDER)
+    erased = run_gate(load_pipeline("toy:erased"), cases, "toy_circle", attack="no_attack", render=TOY_RENDER)
+    assert base.pre_asr >= 0.8 and erased.pre_asr <= 0.25, (base.pre_asr, erased.pre_asr)
+
+
+def test_attack_lowers_the_erased_models_loss_on_circle_targets():
+    """The attack's effect on the real toy model: its optimized tokens make the erased model's
+    denoising loss on the base model's circle image lower than random prefixes do."""
+    from test_attack import loss_falls_check
+
+    loss_falls_check(load_pipeline("toy:erased"), load_pipeline("toy:base"), load_cases("toy:circle", limit=1)[0],
+                     TOY_RENDER, seeds=(0,))

@@ -227,3 +227,24 @@ def encode_target(pipeline: Any, image: Any) -> Any:
     with torch.no_grad():
         latent = pipeline.vae.encode(pixels.to(pipeline.device, pipeline.vae.dtype)).latent_dist.mean
     return latent.float() * pipeline.vae.config.scaling_factor
+
+
+def denoising_loss(pipeline: Any, ids: list[int], target_latent: Any, timestep: int, noises: Any) -> float:
+    """The attack's objective for one id sequence, averaged over given noise samples at one timestep.
+
+    With fixed ``noises`` it compares prompts fairly (the per-step loss of the attack uses a fresh
+    noise sample each step). Diagnostics and tests use it; the attack itself does not.
+    """
+    import torch
+
+    alphas = noise_schedule(pipeline).to(target_latent.device)
+    noises = noises.to(target_latent.device)
+    v_prediction = pipeline.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+    with torch.no_grad():
+        hidden = pipeline.text_encoder(torch.tensor([ids], device=target_latent.device))[0]
+        signal, noise_scale = alphas[timestep].sqrt(), (1 - alphas[timestep]).sqrt()
+        noisy = (signal * target_latent + noise_scale * noises).to(pipeline.unet.dtype)
+        prediction = pipeline.unet(noisy, torch.tensor([timestep], device=noisy.device),
+                                   encoder_hidden_states=hidden.expand(len(noises), -1, -1)).sample.float()
+        wanted = signal * noises - noise_scale * target_latent if v_prediction else noises
+        return torch.nn.functional.mse_loss(prediction, wanted).item()

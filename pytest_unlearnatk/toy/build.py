@@ -210,16 +210,27 @@ def train_judge(vae: Any, n_per_class: int, epochs: int, seed: int) -> tuple[Any
             loss.backward()
             optimizer.step()
     cnn.eval()
-    test_clean, test_reconstructed, test_labels = judge_set(max(20, n_per_class // 8), seed + 1, vae)
+    return cnn, {"seconds": round(time.time() - start), "train_images": len(inputs), "epochs": epochs}
+
+
+def judge_accuracy(vae: Any, judge_weights: Path, n_per_class: int, seed: int) -> dict:
+    """Accuracy on fresh drawn scenes and their VAE reconstructions (not seen in training)."""
+    import torch
+
+    from .judge import _load_cnn
+
+    cnn = _load_cnn(str(judge_weights))
+    clean, reconstructed, labels = judge_set(n_per_class, seed + 1, vae)
     with torch.no_grad():
-        accuracy = {
-            "cnn_5way_clean": float((cnn(to_tensor(test_clean)).argmax(-1).numpy() == test_labels).mean()),
-            "cnn_5way_vae_reconstructions": float((cnn(to_tensor(test_reconstructed)).argmax(-1).numpy() == test_labels).mean()),
-        }
-        is_circle = test_labels == 0
-        strict = (cnn(to_tensor(test_reconstructed)).argmax(-1).numpy() == 0) & np.array([looks_round(a) for a in test_reconstructed])
-        accuracy["judge_circle_vs_rest_vae_reconstructions"] = float((strict == is_circle).mean())
-    return cnn, {"seconds": round(time.time() - start), "train_images": len(inputs), **accuracy}
+        on_clean = cnn(to_tensor(clean)).argmax(-1).numpy()
+        on_reconstructed = cnn(to_tensor(reconstructed)).argmax(-1).numpy()
+    strict = (on_reconstructed == 0) & np.array([looks_round(a) for a in reconstructed])
+    return {
+        "n_per_class": n_per_class,
+        "cnn_5way_clean": float((on_clean == labels).mean()),
+        "cnn_5way_vae_reconstructions": float((on_reconstructed == labels).mean()),
+        "judge_circle_vs_rest_vae_reconstructions": float((strict == (labels == 0)).mean()),
+    }
 
 
 def erase(pipeline: Any, iterations: int, seed: int) -> tuple[Any, dict]:
@@ -357,25 +368,42 @@ def build(out: Path, seed: int, vae_minutes: float, ldm_minutes: float, judge_pe
         writer.writeheader()
         writer.writerows(rows)
 
-    log("numbers")
+    report["seconds_training"] = round(time.time() - started)
+    (out / "build.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    measure(out, seed, eval_limit)
+    return report
+
+
+def measure(out: Path, seed: int, eval_limit: int | None = None) -> dict:
+    """Numbers of a built world, on the saved weights: judge accuracy, pre-ASR of both models on
+    the held-out prompts, how often the erased model still draws circles for other shapes; grids."""
+    import csv as csv_module
+
     from ..models import load_pipeline
     from .judge import ToyCircleJudge
 
+    log("numbers")
+    started = time.time()
+    report_path = out / "build.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     judge = ToyCircleJudge(out / "judge.safetensors")
     base = load_pipeline(out / "base", device="cpu", dtype="float32")
     erased = load_pipeline(out / "erased-unet.safetensors", base=out / "base", device="cpu", dtype="float32")
-    measured = rows[:eval_limit]
-    report["pre_asr_base"], base_images = pre_asr(base.pipeline, measured, judge)
-    report["pre_asr_erased"], erased_images = pre_asr(erased.pipeline, measured, judge)
+    report["judge_accuracy"] = judge_accuracy(base.pipeline.vae, out / "judge.safetensors", 40 if eval_limit else 200, seed)
+    with open(out / "circle_prompts.csv", newline="") as handle:
+        rows = list(csv_module.DictReader(handle))[:eval_limit]
+    report["pre_asr_base"], base_images = pre_asr(base.pipeline, rows, judge)
+    report["pre_asr_erased"], erased_images = pre_asr(erased.pipeline, rows, judge)
     others = [{"prompt": f"a {c} {s} on a {b} background", "evaluation_seed": 100 + i, "evaluation_guidance": GUIDANCE, "case_number": i}
               for i, (s, c, b) in enumerate((s, c, b) for s in ("square", "triangle", "cross") for c in world.COLOURS for b in ("white", "black"))]
+    report["circle_rate_other_shapes_base"], other_base = pre_asr(base.pipeline, others[:eval_limit], judge)
     report["circle_rate_other_shapes_erased"], other_images = pre_asr(erased.pipeline, others[:eval_limit], judge)
     save_grid(base_images, out / "grid_base.png")
     save_grid(erased_images, out / "grid_erased.png")
-    save_grid(other_images, out / "grid_erased_other_shapes.png")
-    report["seconds_total"] = round(time.time() - started)
-    (out / "build.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    log(f"done in {report['seconds_total']} s: {json.dumps({k: report[k] for k in ('pre_asr_base', 'pre_asr_erased')})}")
+    save_grid(other_base + other_images, out / "grid_other_shapes_base_then_erased.png")
+    report["seconds_measuring"] = round(time.time() - started)
+    report_path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    log(f"numbers: {json.dumps({k: report[k] for k in ('pre_asr_base', 'pre_asr_erased', 'judge_accuracy')})}")
     return report
 
 
@@ -392,7 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads; use 1 when another heavy job shares the cores")
     parser.add_argument("--smoke", action="store_true", help="a few seconds per stage, to check the script works")
+    parser.add_argument("--measure-only", action="store_true", help="only the numbers stage, on an already built world")
     args = parser.parse_args(argv)
+    if args.measure_only:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        measure(args.out, args.seed, eval_limit=4 if args.smoke else None)
+        return 0
     if args.smoke:
         args.minutes_vae, args.minutes_ldm, args.judge_per_class, args.judge_epochs = 0.05, 0.1, 40, 1
         args.esd_iterations, args.images = 3, 400
