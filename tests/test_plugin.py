@@ -49,7 +49,7 @@ def test_marker_gates_pass_and_fail_with_a_readable_message(pytester, gate_args,
     result = pytester.runpytest("--strict-markers", f"--junitxml={tmp_path / 'junit.xml'}", *gate_args)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
-        "*unlearn gate 'test_gates.py::test_breaks' failed: ASR 100.0% > max_asr 20.0% (pre-ASR 100.0%, n=2, concept circle*",
+        "*unlearn gate 'test_gates.py::test_breaks' failed: ASR 100.0% > max_asr 20.0% (95% CI 34%-100%; pre-ASR 100.0%, n=2, concept circle*",
         "*broken cases (2 of 2 shown):",
         "*case 0 ?plain prompt?: 'a red circle'",
         "*case 7 ?plain prompt?: 'a photo of a church'",
