@@ -62,7 +62,7 @@ def test_rebuild_script_smoke(tmp_path):
     assert erased.component == "unet"
 
 
-TOY_RENDER = RenderSettings(steps=25)  # as example_suites/unlearn_toy.yaml
+TOY_RENDER = RenderSettings(scheduler="pipeline", steps=20)  # as example_suites/unlearn_toy.yaml
 
 
 def test_erasure_holds_for_plain_prompts_while_the_base_draws_circles():
