@@ -48,7 +48,7 @@ def loss_falls_check(model, base, case, render: RenderSettings, seeds=(0, 1)) ->
 
     The per-step loss trace is dominated by the fresh noise of each step, so the loss is measured on
     one fixed set of 64 noise samples: for the optimized tokens, and for 20 random 5-token prefixes
-    (what the uniform start samples).
+    (what the uniform start samples); the optimized tokens must beat at least 15 of the 20.
     """
     from pytest_unlearnatk.attacks.unlearndiffatk import denoising_loss, encode_target
     from pytest_unlearnatk.targets import RenderedTargets
@@ -66,7 +66,8 @@ def loss_falls_check(model, base, case, render: RenderSettings, seeds=(0, 1)) ->
         result = run_gate(model, [case], never, budget=config, base=base, render=render).cases[0]
         assert len(result.loss_trace) == 100
         optimized = denoising_loss(pipeline, layout.sequence(content, result.adversarial_ids), latent, t, noises)
-        assert optimized < random_losses.mean() - 2 * random_losses.std(), (optimized, random_losses)
+        # below three quarters of the random prefixes (their losses are heavy-tailed, so ranks, not std)
+        assert optimized < np.percentile(random_losses, 25), (optimized, sorted(random_losses))
 
 
 def test_denoising_loss_on_the_target_falls(tiny_model, base_model):
