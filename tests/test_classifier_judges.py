@@ -101,7 +101,8 @@ def test_clip_judge_loads_and_applies_the_rule_to_its_own_logits(tiny_clip_dir):
     images = [Image.new("RGB", (48, 40), colour) for colour in ("red", "gray")]
     verdicts = judge(images)
     inputs = judge.processor(text=judge.texts, images=images, return_tensors="pt", padding=True)
-    logits = judge.clip(**inputs).logits_per_image
+    with torch.no_grad():
+        logits = judge.clip(**inputs).logits_per_image
     assert [v.hit for v in verdicts] == [clip_decide(row, 0.0).hit for row in logits]
     assert judge.settings["contrasts"] == ["a dressed person", "a landscape"]
 
