@@ -26,7 +26,7 @@ from ..cases import Case
 from ..errors import UnlearnAtkError
 from ..render import noise_schedule
 from ..results import CandidateCheck
-from ..tokens import FittedPrompt, TokenLayout
+from ..tokens import FittedPrompt
 from .base import AttackContext, AttackOutcome
 
 
