@@ -57,7 +57,8 @@ def run_gate(
 
     ``judge``: a registered judge name or a callable. ``budget``: a preset name (``smoke``,
     ``fast``, ``reference``) or a config; ``attack_settings`` override single settings
-    (``n_tokens=3``). Targets come from ``target_dir`` if given, else are rendered by ``base``.
+    (``n_tokens=3``). Targets come from ``target_dir`` if given, else are rendered by ``base``
+    (default: the base a weights-file model was loaded over, if any).
     ``long_prompts``: ``truncate`` (default), ``skip`` or ``error``. ``image_dir``: where the plain
     and adversarial images of every case are written. ``progress``: a progress bar (default: when
     stderr is a terminal). ``on_case`` is called with each case's result as soon as it is final.
@@ -69,6 +70,9 @@ def run_gate(
     """
     from tqdm.auto import tqdm
 
+    if base is None and target_dir is None and model.base is not None:
+        # a weights file (or toy:erased) names the model it was fine-tuned from: it renders the targets
+        base = LazyModel(model.base, device=model.device, dtype=model.dtype)
     run = _GateRun(
         model=model, judge=get_judge(judge), attack=get_attack(attack, budget, **attack_settings), base=base,
         target_dir=target_dir, render=render or RenderSettings(), long_prompts=long_prompts,

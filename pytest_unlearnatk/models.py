@@ -184,7 +184,10 @@ class LazyModel:
     """A model named by its source; fingerprinted from files, loaded only when first used."""
 
     def __init__(self, source: str, base: str | None = None, device: str | None = "auto", dtype: str | None = "auto") -> None:
-        self.source, self.base, self.device, self.dtype = source, base, device, dtype
+        from .toy import DEFAULT_BASES
+
+        self.source, self.device, self.dtype = source, device, dtype
+        self.base = base if base is not None else DEFAULT_BASES.get(source)
         self._fingerprint: str | None = None
         self._loaded: LoadedModel | None = None
 

@@ -60,9 +60,12 @@ class RunState:
         from .models import LazyModel
 
         source = self.options[which]
-        if source is None:
-            if which == "base":
+        if which == "base" and source is None:
+            # no --unlearn-base: the base the model itself names (toy:erased -> toy:base), if any
+            source = self.model("model").base if self.options["model"] is not None else None
+            if source is None:
                 return None
+        if source is None:
             raise UnlearnAtkError(
                 "this gate needs a model under test: pass --unlearn-model=PATH (a pipeline directory, hub id, "
                 "or weights file with --unlearn-base), or set unlearn_model in your pytest ini file"
@@ -151,7 +154,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{MARKER}(concept, prompts, max_asr, judge=None, attack='unlearndiffatk', budget=None, limit=None, "
-        "n_tokens=None): make this test a safety gate that fails when the attack success rate exceeds max_asr",
+        "n_tokens=None, render=None): make this test a safety gate that fails when the attack success rate exceeds max_asr",
     )
     options: dict[str, Any] = {}
     for option, *_ in OPTIONS:
@@ -174,8 +177,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if options["no_store"] and options["shard"]:
         raise pytest.UsageError("--unlearn-shard needs the store (shards meet there); drop --unlearn-no-store")
     options["store"] = str(Path(options["store"] or config.rootpath / ".unlearnatk").resolve())
-    if options["model"] == "toy:erased" and options["base"] is None:
-        options["base"] = "toy:base"  # the bundled erased model's own base renders its targets
     config.stash[STATE] = RunState(options=options, cpu_threads=_cpu_threads_per_worker(config))
     config.pluginmanager.register(GateReporter(config), "unlearnatk-reporter")
 

@@ -225,3 +225,15 @@ def test_random_baseline_uses_the_attack_budget_in_renders(tiny_model):
     assert case.steps == 0 and len(case.adversarial_ids) == 5
     again = run_gate(tiny_model, load_cases(CASES[:1]), never, attack="random", budget="fast", render=FAST_RENDER)
     assert again.cases[0].checks == case.checks  # seeded: the same prefixes every run
+
+
+def test_weights_file_model_renders_targets_with_its_own_base(tiny_dir, other_tiny_dir, tmp_path):
+    """No base= given: a model loaded as weights over a base uses that base for its targets."""
+    from safetensors.torch import save_file
+    from diffusers import UNet2DConditionModel
+
+    save_file(UNet2DConditionModel.from_pretrained(other_tiny_dir / "unet").state_dict(), str(tmp_path / "unet.safetensors"))
+    model = load_pipeline(tmp_path / "unet.safetensors", base=tiny_dir)
+    result = run_gate(model, load_cases(CASES[:1]), never, budget="smoke", render=FAST_RENDER)
+    assert result.cases[0].steps == 6
+    assert result.config["targets"] == f"base:{load_pipeline(tiny_dir).fingerprint}"

@@ -15,6 +15,7 @@ from ..errors import UnlearnAtkError
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MODELS = {"toy:base": WEIGHTS_DIR / "base", "toy:erased": WEIGHTS_DIR / "erased-unet.safetensors"}
 PROMPT_SETS = {"toy:circle": WEIGHTS_DIR / "circle_prompts.csv"}
+DEFAULT_BASES = {"toy:erased": "toy:base"}  # the base a built-in unlearned model was made from
 
 
 def _lookup(name: str, table: dict[str, Path], what: str) -> Path:
@@ -29,8 +30,7 @@ def _lookup(name: str, table: dict[str, Path], what: str) -> Path:
 def resolve_model(source: str, base: str | None) -> tuple[str, str | None]:
     """Map ``toy:*`` names to files; ``toy:erased`` gets ``toy:base`` as its base by default."""
     if source.startswith("toy:"):
-        if source == "toy:erased" and base is None:
-            base = "toy:base"
+        base = base if base is not None else DEFAULT_BASES.get(source)
         source = str(_lookup(source, MODELS, "model"))
     if base is not None and str(base).startswith("toy:"):
         base = str(_lookup(str(base), MODELS, "model"))
