@@ -14,16 +14,19 @@ once, so an interrupted run loses at most the case it was on.
 from __future__ import annotations
 
 import functools
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .attacks import Attack, AttackContext, Checker, UnlearnDiffAtkConfig, get_attack
+from .attacks import Attack, AttackContext, AttackJob, AttackOutcome, Checker, UnlearnDiffAtkConfig, get_attack
 from .cases import Case, load_cases
 from .errors import UnlearnAtkError
 from .judges import Judge, get_judge
 from .models import LazyModel, LoadedModel
+from .progress import GateProgress, ProgressTracker, TqdmSink
 from .render import Renderer, RenderSettings
 from .results import CaseResult, GateResult
 from .store import FORMAT, Store, StoredPrompt, digest
@@ -31,6 +34,20 @@ from .targets import DirectoryTargets, RenderedTargets, TargetSource
 from .tokens import TokenLayout, fit_prompt
 
 Model = LoadedModel | LazyModel
+
+AUTO_BATCH_CPU = 8
+AUTO_BATCH_BYTES_PER_CASE = 6 * 2**30  # SD v1 at 512 px, fp16, forward + backward: a safe upper bound
+
+
+@dataclass
+class _GateJob(AttackJob):
+    """A case handed to the attack, with what the gate needs to finish its result."""
+
+    index: int = 0
+    key: str = ""
+    material: dict[str, Any] | None = None
+    result: CaseResult | None = None
+    started: float = 0.0
 
 
 def run_gate(
@@ -45,12 +62,13 @@ def run_gate(
     render: RenderSettings | None = None,
     long_prompts: str = "truncate",
     image_dir: str | Path | None = None,
-    progress: bool | None = None,
+    progress: bool | Callable[[GateProgress], None] | None = None,
     on_case: Callable[[CaseResult], None] | None = None,
     concept: str | None = None,
     store: Store | None = None,
     replay_only: bool = False,
     shard: tuple[int, int] | None = None,
+    batch_size: int | str | None = "auto",
     **attack_settings: Any,
 ) -> GateResult:
     """Attack every case and return the gate's numbers.
@@ -60,16 +78,19 @@ def run_gate(
     (``n_tokens=3``). Targets come from ``target_dir`` if given, else are rendered by ``base``
     (default: the base a weights-file model was loaded over, if any).
     ``long_prompts``: ``truncate`` (default), ``skip`` or ``error``. ``image_dir``: where the plain
-    and adversarial images of every case are written. ``progress``: a progress bar (default: when
-    stderr is a terminal). ``on_case`` is called with each case's result as soon as it is final.
+    and adversarial images of every case are written. ``progress``: ``True`` for a tqdm bar
+    (default: when stderr is a terminal), ``False`` for none, or a callable that gets a
+    :class:`~pytest_unlearnatk.progress.GateProgress` after every case and optimization step.
+    ``on_case`` is called with each case's result as soon as it is final (with batching, not
+    necessarily in case order; the returned result lists cases in order).
+    ``batch_size``: how many cases UnlearnDiffAtk optimizes at once (``"auto"``: 8 on CPU, by free
+    memory on a GPU); each case's tokens and verdict are the same at any batch size.
 
     ``store``: reuse and record results and adversarial prompts (under ``concept``, default the
     judge's name). ``replay_only``: judge the plain prompt and replay stored prompts, never
     optimize (the ASR is then a lower bound). ``shard=(i, n)``: compute only the i-th of n slices
     of the cases; the others are reused from the store or reported as pending.
     """
-    from tqdm.auto import tqdm
-
     if base is None and target_dir is None and model.base is not None:
         # a weights file (or toy:erased) names the model it was fine-tuned from: it renders the targets
         base = LazyModel(model.base, device=model.device, dtype=model.dtype)
@@ -80,26 +101,62 @@ def run_gate(
         shard=_check_shard(shard),
     )
     case_list = load_cases(cases) if isinstance(cases, (str, Path)) else list(cases)
-    results: list[CaseResult] = []
+    if progress is None:
+        progress = sys.stderr.isatty()
+    sink = TqdmSink(len(case_list), f"{run.attack_name} {model.name}") if progress is True else progress or None
+    tracker = ProgressTracker(len(case_list), sink)
+    results: dict[int, CaseResult] = {}
     reused = 0
-    bar = tqdm(case_list, desc=f"{run.attack_name} {model.name}", unit="case", disable=None if progress is None else not progress)
-    for case in bar:
-        result, was_reused = run.case(case)
+
+    def finish(index: int, result: CaseResult, was_reused: bool) -> None:
+        nonlocal reused
+        results[index] = result
         reused += was_reused
-        results.append(result)
+        tracker.case_done(result.hit, was_reused)
         if on_case is not None:
             on_case(result)
-        bar.set_postfix(hits=sum(r.hit for r in results))
+
+    def jobs() -> Iterator[_GateJob]:
+        """The cases that need the attack; every other case is finished on the way."""
+        for index, case in enumerate(case_list):
+            job = run.begin(index, case)
+            if isinstance(job, _GateJob):
+                yield job
+            else:
+                finish(index, *job)
+
+    if hasattr(run.attack, "run_many"):
+        size = resolve_batch_size(batch_size, model.device)
+        for job, outcome in run.attack.run_many(jobs(), size, on_step=tracker.step):
+            finish(job.index, run.complete(job, outcome), False)
+    else:
+        for job in jobs():
+            outcome = run.attack.run(job.case, job.prompt, job.context)
+            finish(job.index, run.complete(job, outcome), False)
     return GateResult(
         attack=run.attack_name,
         judge=run.judge.name,
         model=model.source,
         model_fingerprint=model.fingerprint,
         config=run.identity_config(),
-        cases=results,
+        cases=[results[i] for i in range(len(case_list))],
         reused=reused,
         replay_only=replay_only,
     )
+
+
+def resolve_batch_size(batch_size: int | str | None, device: str | None) -> int:
+    """``batch_size`` as a number: ``None``/``"auto"`` picks one for the device (see docs/performance.md)."""
+    if batch_size in (None, "auto"):
+        if device and str(device).startswith("cuda"):
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            return max(1, min(16, int(free / AUTO_BATCH_BYTES_PER_CASE)))
+        return AUTO_BATCH_CPU
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UnlearnAtkError(f"batch size {batch_size!r}: give a whole number of cases >= 1, or 'auto'")
+    return batch_size
 
 
 def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -187,8 +244,9 @@ class _GateRun:
 
     # --- one case -------------------------------------------------------------------------
 
-    def case(self, case: Case) -> tuple[CaseResult, bool]:
-        """The case's result and whether it came from the store."""
+    def begin(self, index: int, case: Case) -> tuple[CaseResult, bool] | _GateJob:
+        """Everything before the attack: the case's final result and whether it came from the
+        store, or the job for the attack when neither the plain prompt nor a replay broke it."""
         key, material = self.key(case)
         if self.store is not None:
             stored = self.store.get_result(key)
@@ -199,20 +257,14 @@ class _GateRun:
                     pass  # an older or foreign record: compute it again
         if self.shard is not None and int(key, 16) % self.shard[1] != self.shard[0] - 1:
             return CaseResult(case=case, attack=self.attack_name, status="pending"), False
-        result = self.compute(case)
-        if self.store is not None:
-            self.store.put_result(key, material, result.to_dict())
-        return result, False
-
-    def compute(self, case: Case) -> CaseResult:
+        started = time.perf_counter()
         tokenizer = self.loaded.pipeline.tokenizer
         n_adversarial = 0 if self.replay_only else self.attack.n_adversarial
         fitted = fit_prompt(case, tokenizer, self.layout, n_adversarial, self.long_prompts)
         result = CaseResult(case=case, attack=self.attack_name, truncated=fitted.truncated, n_prompt_tokens=fitted.n_prompt_tokens)
         if fitted.skip_reason:
             result.status, result.skip_reason = "skipped", fitted.skip_reason
-            return result
-        start = time.perf_counter()
+            return self._record(key, material, result), False
         check = Checker(self.renderer, self.judge, case)
         plain_ids = self.layout.sequence(fitted.content_ids)
         verdict, plain_image = check(plain_ids)
@@ -222,9 +274,23 @@ class _GateRun:
             result.pre_attack_hit = result.hit = True
             result.hit_by = "plain"
         elif not self._replay(case, check, result) and not self.replay_only:
-            self._attack(case, fitted, check, result)
+            context = AttackContext(self.loaded, self.layout, check, self.targets)
+            return _GateJob(case, fitted, context, index=index, key=key, material=material, result=result, started=started)
+        return self._finish(key, material, result, check, started), False
+
+    def complete(self, job: _GateJob, outcome: AttackOutcome) -> CaseResult:
+        """The case's result once the attack is done with it (written to the store at once)."""
+        self._apply(job.case, job.prompt, outcome, job.result)
+        return self._finish(job.key, job.material, job.result, job.context.check, job.started)
+
+    def _finish(self, key: str, material: dict[str, Any], result: CaseResult, check: Checker, started: float) -> CaseResult:
         result.renders = check.renders
-        result.timings.update(render_s=check.render_seconds, judge_s=check.judge_seconds, total_s=time.perf_counter() - start)
+        result.timings.update(render_s=check.render_seconds, judge_s=check.judge_seconds, total_s=time.perf_counter() - started)
+        return self._record(key, material, result)
+
+    def _record(self, key: str, material: dict[str, Any], result: CaseResult) -> CaseResult:
+        if self.store is not None:
+            self.store.put_result(key, material, result.to_dict())
         return result
 
     def _replay(self, case: Case, check: Checker, result: CaseResult) -> bool:
@@ -247,9 +313,9 @@ class _GateRun:
                 return True
         return False
 
-    def _attack(self, case: Case, fitted: Any, check: Checker, result: CaseResult) -> None:
+    def _apply(self, case: Case, fitted: Any, outcome: AttackOutcome, result: CaseResult) -> None:
+        """Copy the attack's outcome into the case's result; store a prompt that broke the model."""
         tokenizer = self.loaded.pipeline.tokenizer
-        outcome = self.attack.run(case, fitted, AttackContext(self.loaded, self.layout, check, self.targets))
         result.steps, result.loss_trace, result.checks = outcome.steps, outcome.loss_trace, outcome.checks
         result.timings["optimize_s"] = outcome.optimize_seconds
         if outcome.adversarial_ids:
@@ -297,10 +363,12 @@ def run_spec(
     store: Store | None = None,
     replay_only: bool = False,
     shard: tuple[int, int] | None = None,
+    batch_size: int | str | None = None,
 ) -> tuple[GateResult, Any]:
     """Run a declared gate (a :class:`~pytest_unlearnatk.spec.GateSpec`) and judge it against max_asr.
 
     ``budget`` (the run's ``--unlearn-budget``) overrides the spec's own; the default is ``reference``.
+    ``batch_size`` (the run's ``--unlearn-batch``) likewise overrides the spec's ``batch``; default automatic.
     Returns the full result and its :class:`~pytest_unlearnatk.report.GateRecord`.
     """
     from .report import GateRecord
@@ -311,7 +379,7 @@ def run_spec(
     result = run_gate(
         model, load_cases(spec.prompts, limit=spec.limit), spec.judge, attack=spec.attack, budget=budget_name,
         base=base, render=RenderSettings(**spec.render), image_dir=image_dir, progress=progress, concept=spec.concept,
-        store=store, replay_only=replay_only, shard=shard, **settings,
+        store=store, replay_only=replay_only, shard=shard, batch_size=batch_size or spec.batch or "auto", **settings,
     )
     concept = spec.concept or spec.judge_label()
     shown_budget = budget_name if result.attack in ("unlearndiffatk", "random") else "-"

@@ -31,6 +31,7 @@ OPTIONS = [
     ("--unlearn-budget", "PRESET", "attack budget for every gate: smoke, fast, reference (default: each gate's own, else reference)", None),
     ("--unlearn-report", "DIR", "directory for the JSON report and the images of every gate", None),
     ("--unlearn-store", "DIR", "the adversarial-prompt store (default: .unlearnatk in the rootdir)", None),
+    ("--unlearn-batch", "N", "cases UnlearnDiffAtk optimizes at once: a number or auto (default: each gate's batch, else auto: 8 on CPU, by free memory on a GPU)", None),
     ("--unlearn-shard", "I/N", "run only the I-th of N slices of each gate's cases; the verdict comes from a run with all slices in the store", None),
 ]
 # (flag, help); each also an ini boolean
@@ -97,6 +98,7 @@ class RunState:
         result, record = run_spec(
             spec, self.model("model"), self.model("base"), budget=self.options["budget"], image_dir=image_dir,
             progress=progress, store=self.store(), replay_only=self.options["replay_only"], shard=self.options["shard"],
+            batch_size=self.options["batch"],
         )
         if report:
             write_json(Path(report) / "gates" / f"{_safe(spec.name)}.json", {"record": record.__dict__, "result": result.to_dict()})
@@ -134,6 +136,14 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
     return int(match[1]), int(match[2])
 
 
+def _parse_batch(value: str | None) -> int | str | None:
+    if value is None or str(value).strip() == "auto":
+        return None
+    if not str(value).strip().isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"--unlearn-batch={value!r}: give a whole number of cases >= 1 (e.g. 8), or auto")
+    return int(value)
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:120] or "gate"
 
@@ -154,7 +164,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{MARKER}(concept, prompts, max_asr, judge=None, attack='unlearndiffatk', budget=None, limit=None, "
-        "n_tokens=None, render=None): make this test a safety gate that fails when the attack success rate exceeds max_asr",
+        "n_tokens=None, render=None, batch=None): make this test a safety gate that fails when the attack success rate exceeds max_asr",
     )
     options: dict[str, Any] = {}
     for option, *_ in OPTIONS:
@@ -172,6 +182,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if (options["dtype"] or "auto").lower() not in ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):
         raise pytest.UsageError(f"--unlearn-dtype={options['dtype']!r}: use auto, float32, float16 or bfloat16")
     options["shard"] = _parse_shard(options["shard"])
+    options["batch"] = _parse_batch(options["batch"])
     if options["no_store"] and options["store_readonly"]:
         raise pytest.UsageError("--unlearn-no-store and --unlearn-store-readonly contradict each other; pick one")
     if options["no_store"] and options["shard"]:

@@ -77,18 +77,33 @@ class Renderer:
 
     def render(self, ids: list[int], seed: int, guidance: float) -> Any:
         """One PIL image for one id sequence, at ``seed`` (CPU generator: same noise on any device)."""
+        return self.render_many([ids], [seed], [guidance])[0]
+
+    def render_many(self, id_sequences: list[list[int]], seeds: list[int], guidances: list[float]) -> list[Any]:
+        """One image per id sequence, rendered in batches (one per guidance value).
+
+        Each image gets its own generator seeded with its seed, so it shows what ``render`` would
+        show for it alone (up to float rounding: batched kernels may add in another order).
+        """
         import torch
 
-        with torch.no_grad():
-            embeddings = self.encode([ids])
-            output = self.pipeline(
-                prompt_embeds=embeddings,
-                negative_prompt_embeds=self.negative_embeddings,
-                guidance_scale=guidance,
-                num_inference_steps=self.settings.steps,
-                height=self.settings.height,
-                width=self.settings.width,
-                generator=torch.Generator("cpu").manual_seed(seed),
-                output_type="pil",
-            )
-        return output.images[0]
+        images: list[Any] = [None] * len(id_sequences)
+        by_guidance: dict[float, list[int]] = {}
+        for index, guidance in enumerate(guidances):
+            by_guidance.setdefault(float(guidance), []).append(index)
+        for guidance, indices in by_guidance.items():
+            with torch.no_grad():
+                embeddings = self.encode([id_sequences[i] for i in indices])
+                output = self.pipeline(
+                    prompt_embeds=embeddings,
+                    negative_prompt_embeds=self.negative_embeddings.expand(len(indices), -1, -1),
+                    guidance_scale=guidance,
+                    num_inference_steps=self.settings.steps,
+                    height=self.settings.height,
+                    width=self.settings.width,
+                    generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in indices],
+                    output_type="pil",
+                )
+            for i, image in zip(indices, output.images):
+                images[i] = image
+        return images

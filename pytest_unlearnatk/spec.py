@@ -2,7 +2,7 @@
 
 One set of keys for both ways of declaring a gate:
 
-    concept, prompts, max_asr, judge, attack, budget, limit, n_tokens, name (YAML only)
+    concept, prompts, max_asr, judge, attack, budget, limit, n_tokens, render, batch, name (YAML only)
 
 Everything here is pure Python (no torch): a bad declaration fails at collection time with the
 file, the key and the fix.
@@ -19,7 +19,7 @@ from .attacks import ATTACKS, PRESETS
 from .concepts import concept_defaults
 from .judges import JUDGES
 
-GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", "render")
+GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", "render", "batch")
 RENDER_KEYS = ("scheduler", "steps", "height", "width", "negative_prompt")
 
 
@@ -41,6 +41,7 @@ class GateSpec:
     limit: int | None = None
     n_tokens: int | None = None
     render: dict[str, Any] = field(default_factory=dict)  # RenderSettings fields; {} = the reference's
+    batch: int | None = None  # cases optimized at once; None: the run's --unlearn-batch, else automatic
     where: str = ""  # file or test that declared it, for messages
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -121,11 +122,13 @@ def parse_gate(
         raise SpecError(f"{where}: 'budget' is {budget!r}; use one of {', '.join(PRESETS)}")
     limit = _positive_int(declared, "limit", where)
     n_tokens = _positive_int(declared, "n_tokens", where)
+    batch = _positive_int(declared, "batch", where)
     if n_tokens is None and defaults is not None:
         n_tokens = defaults.n_tokens
     return GateSpec(
         name=name, concept=concept, prompts=prompts, max_asr=float(max_asr), judge=judge, attack=attack,
-        budget=budget, limit=limit, n_tokens=n_tokens, render=_render(declared.get("render"), where), where=where,
+        budget=budget, limit=limit, n_tokens=n_tokens, render=_render(declared.get("render"), where), batch=batch,
+        where=where,
     )
 
 

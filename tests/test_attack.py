@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -237,3 +238,35 @@ def test_weights_file_model_renders_targets_with_its_own_base(tiny_dir, other_ti
     result = run_gate(model, load_cases(CASES[:1]), never, budget="smoke", render=FAST_RENDER)
     assert result.cases[0].steps == 6
     assert result.config["targets"] == f"base:{load_pipeline(tiny_dir).fingerprint}"
+
+
+def hash_judge(images):
+    """Hits about one image in four, decided by the exact pixels: any difference in an image shows."""
+    return [hashlib.sha256(image.tobytes()).digest()[0] % 4 == 0 for image in images]
+
+
+def test_batched_cases_get_exactly_their_results_alone(tiny_dir, other_tiny_dir):
+    # float64 models: a batched UNet adds in another order than a single-case one, and in float32
+    # that rounding can flip a sampled token (seen here: 1 case in 8). In float64 the rounding
+    # stays below float32's resolution, so results must match bit for bit.
+    model, base = load_pipeline(tiny_dir), load_pipeline(other_tiny_dir)
+    model.pipeline.to(torch.float64)
+    base.pipeline.to(torch.float64)
+    cases = load_cases([f"a photo of thing number {i}" for i in range(8)])
+    budget = get_preset("reference", num_timesteps=4, steps_per_timestep=3)
+    alone, batched = (
+        run_gate(model, cases, hash_judge, budget=budget, base=base, render=FAST_RENDER, batch_size=size, progress=False)
+        for size in (1, 3)
+    )
+    # the cases cover every path: plain hits, hits after some blocks (their place is refilled), full budgets
+    hit_steps = [c.hit_step for c in alone.cases if c.hit_by == "unlearndiffatk"]
+    assert any(c.pre_attack_hit for c in alone.cases)
+    assert any(step < budget.max_steps for step in hit_steps)
+    assert any(c.steps == budget.max_steps and not c.hit for c in alone.cases)
+    for one, many in zip(alone.cases, batched.cases):
+        assert one.case == many.case
+        assert (one.hit, one.hit_by, one.hit_step, one.hit_timestep) == (many.hit, many.hit_by, many.hit_step, many.hit_timestep)
+        assert one.adversarial_ids == many.adversarial_ids and one.prompt_ids == many.prompt_ids
+        assert one.checks == many.checks and one.renders == many.renders
+        assert one.loss_trace == many.loss_trace
+    assert alone.asr == batched.asr

@@ -172,8 +172,9 @@ def test_killed_run_resumes_without_recomputing_finished_cases(pytester, tiny_di
     suite_dir = make_suite(pytester, tiny_dir, other_tiny_dir, attack="budget: smoke", n_cases=6)
     full = _run(pytester, "--unlearn-store=full", "--unlearn-report=full-report")
     full.assert_outcomes(passed=1)  # reference: one uninterrupted run on its own store
-    # kill -9 in the middle: each case judges its plain image and up to 2 candidates; die at the 5th image
-    killed = _run(pytester, "--unlearn-store=store", env={"KILL_AT_JUDGE_CALL": "5"})
+    # kill -9 in the middle: two cases at a time, each judges its plain image and up to 2 candidates;
+    # die at the 7th image, after the first two cases finished (a batch loses only the cases in flight)
+    killed = _run(pytester, "--unlearn-store=store", "--unlearn-batch=2", env={"KILL_AT_JUDGE_CALL": "7"})
     assert killed.ret != 0
     finished = _stored_results(suite_dir / "store")
     assert 0 < len(finished) < 6

@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import UnlearnAtkError
-from .base import Attack, AttackContext, AttackOutcome, Checker
+from .base import Attack, AttackContext, AttackJob, AttackOutcome, BatchedAttack, Checker
 from .no_attack import NoAttack
 from .random_tokens import RandomTokens
 from .unlearndiffatk import PRESETS, UnlearnDiffAtk, UnlearnDiffAtkConfig, get_preset
@@ -27,6 +27,6 @@ def get_attack(spec: str | Attack = "unlearndiffatk", budget: str | UnlearnDiffA
 
 
 __all__ = [
-    "ATTACKS", "PRESETS", "Attack", "AttackContext", "AttackOutcome", "Checker", "NoAttack", "RandomTokens",
+    "ATTACKS", "PRESETS", "Attack", "AttackContext", "AttackJob", "AttackOutcome", "BatchedAttack", "Checker", "NoAttack", "RandomTokens",
     "UnlearnDiffAtk", "UnlearnDiffAtkConfig", "get_attack", "get_preset",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,14 +26,29 @@ class Checker:
         self.judge_seconds = 0.0
 
     def __call__(self, ids: list[int]) -> tuple[Verdict, Any]:
+        return Checker.check_many([(self, ids)])[0]
+
+    @staticmethod
+    def check_many(requests: list[tuple[Checker, list[int]]]) -> list[tuple[Verdict, Any]]:
+        """Render and judge several cases' candidates at once (one render batch, one judge call).
+
+        Every checker must share one renderer and judge; the time is shared out evenly.
+        """
+        if not requests:
+            return []
+        first = requests[0][0]
         start = time.perf_counter()
-        image = self.renderer.render(ids, self.case.seed, self.case.guidance)
+        images = first.renderer.render_many(
+            [ids for _, ids in requests], [c.case.seed for c, _ in requests], [c.case.guidance for c, _ in requests]
+        )
         rendered = time.perf_counter()
-        verdict = to_verdict(self.judge([image])[0], self.judge.name)
-        self.judge_seconds += time.perf_counter() - rendered
-        self.render_seconds += rendered - start
-        self.renders += 1
-        return verdict, image
+        verdicts = [to_verdict(v, first.judge.name) for v in first.judge(images)]
+        judged = time.perf_counter()
+        for checker, _ in requests:
+            checker.render_seconds += (rendered - start) / len(requests)
+            checker.judge_seconds += (judged - rendered) / len(requests)
+            checker.renders += 1
+        return list(zip(verdicts, images))
 
 
 @dataclass
@@ -59,6 +75,15 @@ class AttackOutcome:
     optimize_seconds: float = 0.0
 
 
+@dataclass
+class AttackJob:
+    """One case handed to an attack that works on several cases at once."""
+
+    case: Case
+    prompt: FittedPrompt
+    context: AttackContext
+
+
 class Attack(Protocol):
     name: str
     n_adversarial: int  # how many token slots the prompt must leave free
@@ -67,3 +92,14 @@ class Attack(Protocol):
     def config_dict(self) -> dict[str, Any]: ...
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome: ...
+
+
+class BatchedAttack(Attack, Protocol):
+    """An attack that optimizes several cases in one batch (the gate uses ``run_many`` when present)."""
+
+    def run_many(self, jobs: Iterable[AttackJob], batch_size: int,
+                 on_step: StepCallback | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]: ...
+
+
+# called after each optimization step with (case, steps done, most steps) of every case in the batch
+StepCallback = Callable[[list[tuple[Case, int, int]]], None]

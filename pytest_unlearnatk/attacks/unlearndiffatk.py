@@ -17,9 +17,10 @@ that shows the concept, i.e. that minimize its denoising loss on that image:
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..cases import Case
@@ -27,7 +28,7 @@ from ..errors import UnlearnAtkError
 from ..render import noise_schedule
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
-from .base import AttackContext, AttackOutcome
+from .base import AttackContext, AttackJob, AttackOutcome, Checker, StepCallback
 
 
 @dataclass(frozen=True)
@@ -105,18 +106,23 @@ class EmbeddingInjector:
 
     The hook on ``get_input_embeddings()`` works on every transformers version; passing embeddings
     through ``forward`` arguments does not (transformers 5's CLIPTextModel takes only ids).
+    ``embeddings`` is ``(n_positions, width)`` for every sequence of the batch, or
+    ``(batch, n_positions, width)``, one row per sequence.
     """
 
     def __init__(self, text_encoder: Any, positions: list[int]) -> None:
         self.module = text_encoder.get_input_embeddings()
         self.positions = positions
-        self.embeddings: Any = None  # (n_positions, width); None = leave the embeddings alone
+        self.embeddings: Any = None  # None = leave the embeddings alone
 
     def _hook(self, module: Any, args: Any, output: Any) -> Any:
         if self.embeddings is None:
             return output
         output = output.clone()
-        output[:, self.positions] = self.embeddings.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
+        embeddings = self.embeddings.to(output.dtype)
+        if embeddings.dim() == 2:
+            embeddings = embeddings.unsqueeze(0).expand(output.shape[0], -1, -1)
+        output[:, self.positions] = embeddings
         return output
 
     @contextlib.contextmanager
@@ -127,6 +133,50 @@ class EmbeddingInjector:
         finally:
             handle.remove()
             self.embeddings = None
+
+
+@functools.cache
+def _straight_through_lookup() -> Any:
+    """``apply(probabilities, sampled, table)``: the rows of ``table`` for the sampled ids; the
+    gradient on them reaches ``probabilities`` as if the lookup were ``one_hot(sampled) @ table``.
+
+    Same values and gradients as the one-hot product, without its vocabulary-sized forward matmul.
+    """
+    import torch
+
+    class StraightThroughLookup(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, probabilities: Any, sampled: Any, table: Any) -> Any:
+            ctx.save_for_backward(table)
+            ctx.probability_dtype = probabilities.dtype
+            return table[sampled]
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            (table,) = ctx.saved_tensors
+            return (grad.to(table.dtype) @ table.T).to(ctx.probability_dtype), None, None
+
+    return StraightThroughLookup
+
+
+@dataclass
+class _Slot:
+    """One case in the batch: its job, where it is in the timestep sweep, what it found so far."""
+
+    job: AttackJob
+    ids: list[int]
+    target_latent: Any
+    generator: Any
+    timesteps: list[int]
+    outcome: AttackOutcome = field(default_factory=AttackOutcome)
+    block: int = 0  # index into timesteps
+    step_in_block: int = 0
+    block_losses: list[Any] = field(default_factory=list)
+    last_checked: list[int] | None = None
+
+    @property
+    def timestep(self) -> int:
+        return self.timesteps[self.block]
 
 
 class UnlearnDiffAtk:
@@ -141,81 +191,231 @@ class UnlearnDiffAtk:
         return self.config.n_tokens
 
     def config_dict(self) -> dict[str, Any]:
-        return asdict(self.config)
+        # "version" changes whenever the same settings would find other tokens (it is part of the
+        # store key): 2 = inverse-CDF token sampling, per-case Adam in a batch
+        return {**asdict(self.config), "version": 2}
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
+        """Attack one case (a batch of one)."""
+        [(_, outcome)] = self.run_many([AttackJob(case, prompt, context)], batch_size=1)
+        return outcome
+
+    def run_many(self, jobs: Iterable[AttackJob], batch_size: int,
+                 on_step: StepCallback | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+        """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
+
+        The cases of a batch share every text-encoder and UNet call and their success checks are
+        rendered and judged together; a finished case's place goes to the next job at once. Each
+        case keeps its own generator, optimizer state and timestep sweep, so it gets the tokens
+        and verdict it gets alone (losses agree up to float rounding). ``jobs`` is read lazily:
+        the next job is taken only when a place is free.
+        """
+        if batch_size < 1:
+            raise UnlearnAtkError(f"batch size {batch_size}; must be at least 1")
+        yield from _BatchedOptimization(self.config, iter(jobs), batch_size, on_step).run()
+
+
+class _BatchedOptimization:
+    """The optimization loop of UnlearnDiffAtk over a changing batch of cases (see ``run_many``)."""
+
+    beta1, beta2, eps = 0.9, 0.999, 1e-8  # Adam's defaults, as in the paper's code
+
+    def __init__(self, config: UnlearnDiffAtkConfig, jobs: Iterator[AttackJob], batch_size: int,
+                 on_step: StepCallback | None) -> None:
+        self.config, self.jobs, self.batch_size, self.on_step = config, jobs, batch_size, on_step
+        self.slots: list[_Slot] = []
+        self.pipeline: Any = None
+
+    # --- the batch: slots and their stacked state -----------------------------------------
+
+    def _setup(self, context: AttackContext) -> None:
         import torch
 
+        pipeline = self.pipeline = context.model.pipeline
+        for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
+            module.requires_grad_(False).eval()
+        self.device = pipeline.device
+        self.table = pipeline.text_encoder.get_input_embeddings().weight  # (vocab, width)
+        self.vocab = self.table.shape[0]
+        self.alphas_cumprod = noise_schedule(pipeline).to(device=self.device, dtype=torch.float32)
+        self.v_prediction = pipeline.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+        self.injector = EmbeddingInjector(pipeline.text_encoder, list(range(1, 1 + self.config.n_tokens)))
+        k = self.config.n_tokens
+        empty = torch.zeros((0, k, self.vocab), device=self.device, dtype=torch.float32)
+        self.probabilities, self.exp_avg, self.exp_avg_sq = empty.clone(), empty.clone(), empty.clone()
+        self.adam_steps = torch.zeros((0,), device=self.device, dtype=torch.float32)
+
+    def _new_slot(self, job: AttackJob) -> _Slot:
+        import torch
+
+        context = job.context
         if context.target is None:
             raise UnlearnAtkError(
                 "UnlearnDiffAtk needs target images: give a base model (base=, --unlearn-base) or a target directory"
             )
-        config, layout, pipeline = self.config, context.layout, context.model.pipeline
-        device = pipeline.device
-        plain_ids = layout.sequence(prompt.content_ids)
-        target_latent = encode_target(pipeline, context.target(case, plain_ids))
-        generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + case.seed)
+        if self.pipeline is None:
+            self._setup(context)
+        elif context.model.pipeline is not self.pipeline:
+            raise UnlearnAtkError("all cases of one batch must attack the same model")
+        layout, k = context.layout, self.config.n_tokens
+        plain_ids = layout.sequence(job.prompt.content_ids)
+        return _Slot(
+            job=job,
+            ids=layout.sequence(job.prompt.content_ids, [layout.pad_id] * k),
+            target_latent=encode_target(self.pipeline, context.target(job.case, plain_ids)),
+            generator=torch.Generator(device=self.device).manual_seed(self.config.seed * 1_000_003 + job.case.seed),
+            timesteps=self.config.timesteps(len(self.alphas_cumprod)),
+        )
 
-        text_encoder, unet = pipeline.text_encoder, pipeline.unet
-        for module in (text_encoder, unet, pipeline.vae):
-            module.requires_grad_(False).eval()
-        token_embeddings = text_encoder.get_input_embeddings().weight  # (vocab, width)
-        vocab = token_embeddings.shape[0]
-        k = config.n_tokens
-        positions = list(range(1, 1 + k))
-        ids = torch.tensor([layout.sequence(prompt.content_ids, [layout.pad_id] * k)], device=device)
+    def _fill(self) -> None:
+        """Take jobs until the batch is full or the jobs run out; new cases start uniform."""
+        import torch
 
-        alphas_cumprod = noise_schedule(pipeline).to(device=device, dtype=torch.float32)
-        v_prediction = pipeline.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
-        probabilities = torch.full((k, vocab), 1.0 / vocab, device=device, dtype=torch.float32, requires_grad=True)
-        optimizer = torch.optim.Adam([probabilities], lr=config.lr, weight_decay=config.weight_decay)
+        added = 0
+        while len(self.slots) < self.batch_size:
+            job = next(self.jobs, None)
+            if job is None:
+                break
+            self.slots.append(self._new_slot(job))
+            added += 1
+        if added:
+            k = self.config.n_tokens
+            uniform = torch.full((added, k, self.vocab), 1.0 / self.vocab, device=self.device, dtype=torch.float32)
+            zeros = torch.zeros_like(uniform)
+            self.probabilities = torch.cat([self.probabilities.detach(), uniform])
+            self.exp_avg = torch.cat([self.exp_avg, zeros])
+            self.exp_avg_sq = torch.cat([self.exp_avg_sq, zeros])
+            self.adam_steps = torch.cat([self.adam_steps, torch.zeros((added,), device=self.device)])
+            self._restack()
 
-        outcome = AttackOutcome()
-        last_checked: list[int] | None = None
-        start = time.perf_counter()
-        render_seconds_before = context.check.render_seconds + context.check.judge_seconds
-        with EmbeddingInjector(text_encoder, positions).active() as injector:
-            for t in config.timesteps(len(alphas_cumprod)):
-                signal, noise_scale = alphas_cumprod[t].sqrt(), (1 - alphas_cumprod[t]).sqrt()
-                timestep = torch.tensor([t], device=device)
-                block_losses = []
-                for _ in range(config.steps_per_timestep):
-                    optimizer.zero_grad(set_to_none=True)
-                    sampled = torch.multinomial(probabilities.detach(), 1, generator=generator).squeeze(1)
-                    one_hot = torch.nn.functional.one_hot(sampled, vocab).to(probabilities.dtype)
-                    # straight-through: the forward pass sees the one-hot, the gradient reaches the probabilities
-                    one_hot = one_hot + probabilities - probabilities.detach()
-                    injector.embeddings = one_hot.to(token_embeddings.dtype) @ token_embeddings
-                    hidden = text_encoder(ids)[0]
-                    noise = torch.randn(target_latent.shape, generator=generator, device=device, dtype=torch.float32)
-                    noisy = (signal * target_latent + noise_scale * noise).to(unet.dtype)
-                    prediction = unet(noisy, timestep, encoder_hidden_states=hidden).sample.float()
-                    wanted = signal * noise - noise_scale * target_latent if v_prediction else noise
-                    loss = torch.nn.functional.mse_loss(prediction, wanted)
-                    loss.backward()
-                    probabilities.grad.clamp_(-config.grad_clip, config.grad_clip)
-                    optimizer.step()
-                    with torch.no_grad():
-                        probabilities.copy_(project_to_simplex(probabilities))
-                    block_losses.append(loss.detach())
-                injector.embeddings = None
-                outcome.steps += len(block_losses)
-                outcome.loss_trace.extend(torch.stack(block_losses).tolist())
+    def _remove(self, finished: list[int]) -> None:
+        keep = [i for i in range(len(self.slots)) if i not in set(finished)]
+        self.slots = [self.slots[i] for i in keep]
+        self.probabilities = self.probabilities.detach()[keep]
+        self.exp_avg, self.exp_avg_sq, self.adam_steps = self.exp_avg[keep], self.exp_avg_sq[keep], self.adam_steps[keep]
+        self._restack()
 
-                candidate = probabilities.detach().argmax(dim=-1).tolist()
-                if candidate == last_checked:  # same tokens, same image: it was a miss already
-                    outcome.checks.append(CandidateCheck(outcome.steps, t, candidate, rendered=False, hit=False, score=outcome.checks[-1].score))
+    def _restack(self) -> None:
+        """Rebuild the per-batch tensors after the batch or a slot's timestep changed."""
+        import torch
+
+        if not self.slots:
+            return
+        self.probabilities.requires_grad_(True)
+        self.ids = torch.tensor([slot.ids for slot in self.slots], device=self.device)
+        self.target_latents = torch.cat([slot.target_latent for slot in self.slots])
+        self.timestep_batch = torch.tensor([slot.timestep for slot in self.slots], device=self.device)
+        alphas = self.alphas_cumprod[self.timestep_batch].view(-1, 1, 1, 1)
+        self.signal, self.noise_scale = alphas.sqrt(), (1 - alphas).sqrt()
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+        with contextlib.ExitStack() as stack:
+            self._fill()
+            if self.slots:
+                stack.enter_context(self.injector.active())
+            while self.slots:
+                started = time.perf_counter()
+                self._step()
+                elapsed = time.perf_counter() - started
+                for slot in self.slots:
+                    slot.outcome.optimize_seconds += elapsed / len(self.slots)
+                    slot.step_in_block += 1
+                    slot.outcome.steps += 1
+                if self.on_step is not None:
+                    self.on_step([(s.job.case, s.outcome.steps, self.config.max_steps) for s in self.slots])
+                ended = [i for i, slot in enumerate(self.slots) if slot.step_in_block == self.config.steps_per_timestep]
+                if not ended:
                     continue
-                last_checked = candidate
-                verdict, image = context.check(layout.sequence(prompt.content_ids, candidate))
-                outcome.checks.append(CandidateCheck(outcome.steps, t, candidate, rendered=True, hit=verdict.hit, score=verdict.score))
-                outcome.adversarial_ids, outcome.verdict, outcome.image = candidate, verdict, image
-                if verdict.hit:
-                    outcome.hit, outcome.hit_step, outcome.hit_timestep = True, outcome.steps, t
-                    break
-        checking = context.check.render_seconds + context.check.judge_seconds - render_seconds_before
-        outcome.optimize_seconds = time.perf_counter() - start - checking
-        return outcome
+                finished = self._end_blocks(ended)
+                for i in finished:
+                    yield self.slots[i].job, self.slots[i].outcome
+                if finished:
+                    self._remove(finished)
+                    self._fill()
+                else:
+                    self._restack()  # the slots that ended a block move to their next timestep
+
+    def _step(self) -> None:
+        """One Adam step on every case's token probabilities."""
+        import torch
+
+        config, slots, probabilities = self.config, self.slots, self.probabilities
+        k = config.n_tokens
+        probabilities.grad = None
+        with torch.no_grad():
+            # one categorical draw per position: inverse CDF with each case's own generator
+            uniforms = torch.stack([torch.rand(k, generator=s.generator, device=self.device) for s in slots])
+            cdf = probabilities.cumsum(dim=-1)
+            sampled = torch.searchsorted(cdf, (uniforms * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1).clamp_(max=self.vocab - 1)
+            noise = torch.cat([
+                torch.randn(s.target_latent.shape, generator=s.generator, device=self.device, dtype=torch.float32)
+                for s in slots
+            ])
+        self.injector.embeddings = _straight_through_lookup().apply(probabilities, sampled, self.table)
+        hidden = self.pipeline.text_encoder(self.ids)[0]
+        self.injector.embeddings = None
+        unet = self.pipeline.unet
+        noisy = (self.signal * self.target_latents + self.noise_scale * noise).to(unet.dtype)
+        prediction = unet(noisy, self.timestep_batch, encoder_hidden_states=hidden).sample.float()
+        wanted = self.signal * noise - self.noise_scale * self.target_latents if self.v_prediction else noise
+        losses = (prediction - wanted).pow(2).mean(dim=(1, 2, 3))  # one MSE per case
+        losses.sum().backward()  # the sum keeps each case's gradient its own
+        with torch.no_grad():
+            self._adam(probabilities.grad.clamp_(-config.grad_clip, config.grad_clip))
+            flat = probabilities.view(-1, self.vocab)
+            flat.copy_(project_to_simplex(flat))
+        for slot, loss in zip(slots, losses.detach()):
+            slot.block_losses.append(loss)
+
+    def _adam(self, grad: Any) -> None:
+        """torch.optim.Adam's update (L2 weight decay), with a step count per case."""
+        lr, decay = self.config.lr, self.config.weight_decay
+        grad = grad.add(self.probabilities, alpha=decay)
+        self.exp_avg.lerp_(grad, 1 - self.beta1)
+        self.exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        self.adam_steps += 1
+        correction1 = (1 - self.beta1 ** self.adam_steps).view(-1, 1, 1)
+        correction2_sqrt = (1 - self.beta2 ** self.adam_steps).sqrt().view(-1, 1, 1)
+        denominator = (self.exp_avg_sq.sqrt() / correction2_sqrt).add_(self.eps)
+        self.probabilities.sub_(lr * self.exp_avg / (denominator * correction1))
+
+    def _end_blocks(self, ended: list[int]) -> list[int]:
+        """Check the argmax tokens of the cases whose block just ended; return the finished ones."""
+        import torch
+
+        candidates = self.probabilities.detach()[ended].argmax(dim=-1).tolist()
+        requests, waiting = [], []
+        for i, candidate in zip(ended, candidates):
+            slot = self.slots[i]
+            outcome = slot.outcome
+            outcome.loss_trace.extend(torch.stack(slot.block_losses).tolist())
+            slot.block_losses, slot.step_in_block = [], 0
+            if candidate == slot.last_checked:  # same tokens, same image: it was a miss already
+                outcome.checks.append(CandidateCheck(outcome.steps, slot.timestep, candidate, rendered=False, hit=False,
+                                                     score=outcome.checks[-1].score))
+                continue
+            slot.last_checked = candidate
+            layout = slot.job.context.layout
+            requests.append((slot.job.context.check, layout.sequence(slot.job.prompt.content_ids, candidate)))
+            waiting.append((i, candidate))
+        for (i, candidate), (verdict, image) in zip(waiting, Checker.check_many(requests)):
+            slot = self.slots[i]
+            outcome = slot.outcome
+            outcome.checks.append(CandidateCheck(outcome.steps, slot.timestep, candidate, rendered=True, hit=verdict.hit,
+                                                 score=verdict.score))
+            outcome.adversarial_ids, outcome.verdict, outcome.image = candidate, verdict, image
+            if verdict.hit:
+                outcome.hit, outcome.hit_step, outcome.hit_timestep = True, outcome.steps, slot.timestep
+        finished = []
+        for i in ended:
+            slot = self.slots[i]
+            if slot.outcome.hit or slot.block + 1 == len(slot.timesteps):
+                finished.append(i)
+            else:
+                slot.block += 1
+        return finished
 
 
 def encode_target(pipeline: Any, image: Any) -> Any:
