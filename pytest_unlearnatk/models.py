@@ -67,6 +67,18 @@ def select_device(requested: str | None = "auto") -> str:
     raise UnlearnAtkError(f"unknown device {requested!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
+def worker_device(requested: str | None, worker_index: int | None, visible_gpus: int) -> str:
+    """The device of xdist worker ``worker_index``: worker i of n takes GPU i modulo the visible GPUs.
+
+    Only ``auto`` and ``cuda`` are spread; an explicit ``cuda:N`` or ``cpu`` is kept. The GPUs
+    counted are those CUDA_VISIBLE_DEVICES leaves visible, so ``cuda:i`` is the i-th of those.
+    """
+    requested = (requested or "auto").strip()
+    if worker_index is None or visible_gpus < 1 or requested not in ("auto", "cuda"):
+        return requested
+    return f"cuda:{worker_index % visible_gpus}"
+
+
 def select_dtype(requested: str | None, device: str) -> str:
     """``auto`` -> float16 on a GPU, float32 on the CPU. Names: float32/fp32, float16/fp16, bfloat16/bf16."""
     requested = (requested or "auto").strip().lower()

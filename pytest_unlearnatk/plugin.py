@@ -6,6 +6,8 @@ Nothing heavy is imported here: torch and friends load when the first gate or mo
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +56,7 @@ class RunState:
     options: dict[str, Any]
     models: dict[tuple, Any] = field(default_factory=dict)
     cpu_threads: int = 0  # torch threads to use (0: leave torch's default)
+    worker_index: int | None = None  # the xdist worker's number (gw3 -> 3); None outside xdist
     threads_set: bool = False
 
     def model(self, which: str) -> Any:
@@ -74,8 +77,19 @@ class RunState:
         base = self.options["base"] if which == "model" else None
         key = (source, base)
         if key not in self.models:
-            self.models[key] = LazyModel(source, base=base, device=self.options["device"], dtype=self.options["dtype"])
+            self.models[key] = LazyModel(source, base=base, device=self.device(), dtype=self.options["dtype"])
         return self.models[key]
+
+    def device(self) -> str:
+        """``--unlearn-device``; on an xdist worker, ``auto``/``cuda`` become this worker's own GPU."""
+        requested = self.options["device"] or "auto"
+        if self.worker_index is None or requested not in ("auto", "cuda"):
+            return requested
+        import torch
+
+        from .models import worker_device
+
+        return worker_device(requested, self.worker_index, torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
     def store(self) -> Any:
         from .store import Store
@@ -84,7 +98,7 @@ class RunState:
             return None
         return Store(self.options["store"], readonly=self.options["store_readonly"])
 
-    def run(self, spec: GateSpec, progress: bool | None) -> tuple[Any, GateRecord]:
+    def run(self, spec: GateSpec, progress: Any) -> tuple[Any, GateRecord]:
         from .gate import run_spec
 
         if self.cpu_threads and not self.threads_set:
@@ -188,7 +202,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if options["no_store"] and options["shard"]:
         raise pytest.UsageError("--unlearn-shard needs the store (shards meet there); drop --unlearn-no-store")
     options["store"] = str(Path(options["store"] or config.rootpath / ".unlearnatk").resolve())
-    config.stash[STATE] = RunState(options=options, cpu_threads=_cpu_threads_per_worker(config))
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    config.stash[STATE] = RunState(options=options, cpu_threads=_cpu_threads_per_worker(config),
+                                   worker_index=int(worker[2:]) if worker and worker[2:].isdigit() else None)
     config.pluginmanager.register(GateReporter(config), "unlearnatk-reporter")
 
 
@@ -232,7 +248,7 @@ def unlearn_gate(request: pytest.FixtureRequest) -> Callable[..., Any]:
         name = f"{request.node.nodeid}#{next(counter)}"
         try:
             spec = parse_gate(declared, where=request.node.nodeid, base_dir=request.path.parent, name=name)
-            result, record = state.run(spec, progress=_progress(request.config))
+            result, record = state.run(spec, progress=_progress(request.config, spec.name, request.path))
         except (SpecError, UnlearnAtkError) as error:
             _fail_for_user(error)
         request.node.user_properties.extend(record.properties())
@@ -252,7 +268,7 @@ def unlearn_result(request: pytest.FixtureRequest) -> Any:
             if marker.args:
                 raise SpecError(f"{request.node.nodeid}: give the {MARKER} marker keyword arguments (concept=..., prompts=..., max_asr=...)")
             spec = parse_gate(marker.kwargs, where=request.node.nodeid, base_dir=request.path.parent, name=request.node.nodeid)
-            result, record = request.config.stash[STATE].run(spec, progress=_progress(request.config))
+            result, record = request.config.stash[STATE].run(spec, progress=_progress(request.config, spec.name, request.path))
         except (SpecError, UnlearnAtkError) as error:
             _fail_for_user(error)
         request.node.stash[OUTCOME] = (result, record)
@@ -262,11 +278,50 @@ def unlearn_result(request: pytest.FixtureRequest) -> Any:
     return request.node.stash[OUTCOME][0]
 
 
-def _progress(config: pytest.Config) -> bool | None:
-    """A progress bar on a terminal, not under -q, not on xdist workers."""
-    if hasattr(config, "workerinput") or config.get_verbosity() < 0:
+def _progress(config: pytest.Config, gate: str, path: Path) -> TerminalProgress | bool:
+    """Live progress on a terminal; none under -q, on a pipe or file, or on xdist workers."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if hasattr(config, "workerinput") or config.get_verbosity() < 0 or reporter is None or not reporter.isatty():
         return False
-    return None
+    return TerminalProgress(config, reporter, gate, path)
+
+
+class TerminalProgress:
+    """One self-rewriting line per gate: cases done, hits, the current case's step, time left.
+
+    Written with pytest's capture suspended (like live logging), on a line of its own; pytest's
+    outcome for the test follows on the next line. Redrawn at most twice a second.
+    """
+
+    def __init__(self, config: pytest.Config, reporter: Any, gate: str, path: Path) -> None:
+        self.capture = config.pluginmanager.get_plugin("capturemanager")
+        self.verbose = config.get_verbosity() > 0
+        self.path = path
+        self.reporter, self.writer = reporter, config.get_terminal_writer()
+        self.gate = gate.rsplit("::", 1)[-1]  # a marker's gate is named by its test id
+        self.last_draw = 0.0
+        self.started = False
+
+    def __call__(self, progress: Any) -> None:
+        now = time.monotonic()
+        finished = progress.done == progress.total
+        if not finished and now - self.last_draw < 0.5:
+            return
+        self.last_draw = now
+        with self.capture.global_and_fixture_disabled() if self.capture else contextlib.nullcontext():
+            if not self.started:
+                self.reporter.ensure_newline()  # pytest writes the test's prefix again before its outcome
+                if self.writer.width_of_current_line:  # another gate's line of this test
+                    self.reporter.write("\n")
+                self.started = True
+            width = self.writer.fullwidth - 1
+            self.reporter.rewrite(f"  {self.gate}: {progress.line()}"[:width], erase=True)
+            if finished and not self.verbose:
+                # pytest only appends the outcome letter: give it back its file prefix on a new line
+                self.writer.line()
+                self.writer.write(os.path.relpath(self.path, self.reporter.startpath) + " ")
+                self.reporter.currentfspath = self.path
+            self.writer.flush()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -340,7 +395,7 @@ class GateItem(pytest.Item):
     def runtest(self) -> None:
         state = self.config.stash[STATE]
         try:
-            result, record = state.run(self.spec, progress=_progress(self.config))
+            result, record = state.run(self.spec, progress=_progress(self.config, self.spec.name, self.path))
         except UnlearnAtkError as error:
             raise GateError(str(error)) from None
         self.user_properties.extend(record.properties())

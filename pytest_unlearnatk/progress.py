@@ -85,7 +85,7 @@ class ProgressTracker:
         state = self.state
         state.elapsed_s = time.perf_counter() - self.started
         left = state.total - state.done
-        state.eta_s = state.elapsed_s / self.computed * left if self.computed else None
+        state.eta_s = state.elapsed_s / self.computed * left if self.computed and left else None
         if left == 0:
             state.active = []
         if self.sink is not None:

@@ -208,3 +208,16 @@ def test_device_and_dtype_selection():
     if not torch.cuda.is_available():
         with pytest.raises(UnlearnAtkError, match="CUDA is not available"):
             select_device("cuda")
+
+
+def test_xdist_workers_spread_over_the_visible_gpus():
+    # pure logic: no GPU here, so the number of visible GPUs is given (torch.cuda.device_count()
+    # on a real machine, which already respects CUDA_VISIBLE_DEVICES)
+    from pytest_unlearnatk.models import worker_device
+
+    assert [worker_device("auto", i, 8) for i in range(8)] == [f"cuda:{i}" for i in range(8)]
+    assert [worker_device("cuda", i, 2) for i in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert worker_device("cuda:3", 5, 8) == "cuda:3"  # pinned by the user: kept
+    assert worker_device("cpu", 1, 8) == "cpu"
+    assert worker_device("auto", 1, 0) == "auto"  # no GPU: auto resolves to the CPU later
+    assert worker_device("auto", None, 8) == "auto"  # not under xdist

@@ -159,3 +159,53 @@ def test_a_session_without_models_imports_no_heavy_library(pytester):
     )
     result = pytester.runpytest_subprocess("--strict-markers", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+PRETEND_TERMINAL = '''
+import pytest
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    # the test's output goes to a pipe; make the terminal reporter believe it is a terminal
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.isatty = lambda: True
+'''
+
+
+@pytest.mark.parametrize("extra, shown", [((), True), (("-q",), False), (("-v",), True)])
+def test_progress_line_on_a_terminal_and_quiet_under_q(pytester, gate_args, extra, shown):
+    pytester.makepyfile(judges=JUDGES)
+    pytester.makeconftest(PRETEND_TERMINAL)
+    pytester.makefile(".yaml", unlearn_progress="""
+gates:
+  - {name: slow, concept: circle, prompts: [a red circle, a red ball, a round thing], judge: 'judges:never',
+     max_asr: 0.5, budget: smoke, batch: 1}
+""")
+    result = pytester.runpytest_subprocess(*gate_args, *extra, timeout=300)
+    result.assert_outcomes(passed=1)
+    lines = result.outlines  # split at carriage returns too: one entry per redraw
+    drawn = [line for line in lines if line.startswith("  slow: ")]
+    if not shown:
+        assert not drawn
+        return
+    # redrawn in place as cases and steps advance, ending with every case done
+    assert any("0/3 cases, 0 hits, case 0 step " in line for line in drawn)
+    assert drawn[-1].startswith("  slow: 3/3 cases, 0 hits, ")
+    # pytest's own output is intact: the outcome follows on a line of its own, the summary after it
+    outcome = lines[lines.index(drawn[-1]) + 1]
+    assert outcome.startswith("unlearn_progress.yaml") and ("." in outcome or "PASSED" in outcome)
+    result.stdout.fnmatch_lines(["*unlearn gates*", "slow*PASS*"])
+
+
+def test_progress_reports_the_current_step_and_time_left():
+    from pytest_unlearnatk.progress import ProgressTracker
+
+    seen = []
+    tracker = ProgressTracker(total=4, sink=lambda p: seen.append(p.line()))
+    tracker.case_done(hit=True, reused=True)
+    assert seen[-1].startswith("1/4 cases, 1 hit, 1 from store, ") and "left" not in seen[-1]
+    tracker.step([(type("C", (), {"case_id": 7})(), 120, 200)])
+    assert "case 7 step 120/200" in seen[-1]
+    tracker.case_done(hit=False, reused=False)
+    assert seen[-1].startswith("2/4 cases, 1 hit, 1 from store, ") and seen[-1].endswith("left")
