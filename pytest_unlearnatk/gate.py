@@ -69,6 +69,7 @@ def run_gate(
     replay_only: bool = False,
     shard: tuple[int, int] | None = None,
     batch_size: int | str | None = "auto",
+    compile_unet: bool = False,
     **attack_settings: Any,
 ) -> GateResult:
     """Attack every case and return the gate's numbers.
@@ -85,6 +86,7 @@ def run_gate(
     necessarily in case order; the returned result lists cases in order).
     ``batch_size``: how many cases UnlearnDiffAtk optimizes at once (``"auto"``: 8 on CPU, by free
     memory on a GPU); each case's tokens and verdict are the same at any batch size.
+    ``compile_unet``: run the attack's UNet calls through ``torch.compile``.
 
     ``store``: reuse and record results and adversarial prompts (under ``concept``, default the
     judge's name). ``replay_only``: judge the plain prompt and replay stored prompts, never
@@ -127,7 +129,7 @@ def run_gate(
 
     if hasattr(run.attack, "run_many"):
         size = resolve_batch_size(batch_size, model.device)
-        for job, outcome in run.attack.run_many(jobs(), size, on_step=tracker.step):
+        for job, outcome in run.attack.run_many(jobs(), size, on_step=tracker.step, compile_unet=compile_unet):
             finish(job.index, run.complete(job, outcome), False)
     else:
         for job in jobs():
@@ -364,6 +366,7 @@ def run_spec(
     replay_only: bool = False,
     shard: tuple[int, int] | None = None,
     batch_size: int | str | None = None,
+    compile_unet: bool = False,
 ) -> tuple[GateResult, Any]:
     """Run a declared gate (a :class:`~pytest_unlearnatk.spec.GateSpec`) and judge it against max_asr.
 
@@ -379,7 +382,8 @@ def run_spec(
     result = run_gate(
         model, load_cases(spec.prompts, limit=spec.limit), spec.judge, attack=spec.attack, budget=budget_name,
         base=base, render=RenderSettings(**spec.render), image_dir=image_dir, progress=progress, concept=spec.concept,
-        store=store, replay_only=replay_only, shard=shard, batch_size=batch_size or spec.batch or "auto", **settings,
+        store=store, replay_only=replay_only, shard=shard, batch_size=batch_size or spec.batch or "auto",
+        compile_unet=compile_unet, **settings,
     )
     concept = spec.concept or spec.judge_label()
     shown_budget = budget_name if result.attack in ("unlearndiffatk", "random") else "-"

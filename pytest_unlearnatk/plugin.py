@@ -41,6 +41,7 @@ FLAGS = [
     ("--unlearn-replay-only", "no optimization: judge plain prompts and replay stored adversarial prompts only (ASR is a lower bound)"),
     ("--unlearn-no-store", "neither read nor write the store"),
     ("--unlearn-store-readonly", "read the store, never write it (CI on a committed store)"),
+    ("--unlearn-compile", "run the attack's UNet through torch.compile (GPU runs of long gates; the first steps compile)"),
     ("--unlearn-show-unsafe", "do not blur images of unsafe concepts (nudity) in the HTML report"),
 ]
 
@@ -112,7 +113,7 @@ class RunState:
         result, record = run_spec(
             spec, self.model("model"), self.model("base"), budget=self.options["budget"], image_dir=image_dir,
             progress=progress, store=self.store(), replay_only=self.options["replay_only"], shard=self.options["shard"],
-            batch_size=self.options["batch"],
+            batch_size=self.options["batch"], compile_unet=self.options["compile"],
         )
         if report:
             write_json(Path(report) / "gates" / f"{_safe(spec.name)}.json", {"record": record.__dict__, "result": result.to_dict()})

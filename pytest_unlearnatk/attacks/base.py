@@ -97,8 +97,8 @@ class Attack(Protocol):
 class BatchedAttack(Attack, Protocol):
     """An attack that optimizes several cases in one batch (the gate uses ``run_many`` when present)."""
 
-    def run_many(self, jobs: Iterable[AttackJob], batch_size: int,
-                 on_step: StepCallback | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]: ...
+    def run_many(self, jobs: Iterable[AttackJob], batch_size: int, on_step: StepCallback | None = None,
+                 compile_unet: bool = False) -> Iterator[tuple[AttackJob, AttackOutcome]]: ...
 
 
 # called after each optimization step with (case, steps done, most steps) of every case in the batch
