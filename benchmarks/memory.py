@@ -4,8 +4,9 @@
 
 Each measurement runs in a fresh process and reports its peak resident set size (CPU) or peak
 allocated GPU memory. "models" loads the unlearned pipeline (UNet + text encoder + VAE) and the
-judge and renders one image; "attack" does the same and then runs UnlearnDiffAtk (``fast``
-preset, ``--cases`` cases, target images from a directory so no second model is needed).
+judge and renders one image; "attack" does the same and then runs UnlearnDiffAtk on as many
+cases as the batch holds (2 timesteps x 3 steps and their checks: the peak comes with the first
+step; target images from a directory, so no second model is loaded).
 ``ratio = attack / models``. Both include the Python and torch runtime (about 0.3-0.4 GB on the
 CPU), which is printed too so the ratio can be read without it.
 Models: the toy world (``toy:erased``, 18 MB of weights) and a medium SD-shaped random-weight
@@ -32,7 +33,7 @@ def child(mode: str, model_name: str, batch: int, cases: int, resolution: int, t
     import torch
 
     runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    from pytest_unlearnatk import get_judge, load_cases, load_pipeline, run_gate
+    from pytest_unlearnatk import get_judge, get_preset, load_cases, load_pipeline, run_gate
     from pytest_unlearnatk.render import Renderer, RenderSettings
     from pytest_unlearnatk.testing import sd_shaped_model
 
@@ -45,7 +46,8 @@ def child(mode: str, model_name: str, batch: int, cases: int, resolution: int, t
     judge([Renderer(model.pipeline, render).render(layout_ids, 0, 7.5)])  # the models, warmed up
     if mode == "attack":
         prompts = load_cases([f"a red circle on a gray background, take {i}" for i in range(cases)])
-        run_gate(model, prompts, judge, budget="fast", target_dir=target_dir, render=render, batch_size=batch,
+        budget = get_preset("reference", num_timesteps=2, steps_per_timestep=3)
+        run_gate(model, prompts, judge, budget=budget, target_dir=target_dir, render=render, batch_size=batch,
                  progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0

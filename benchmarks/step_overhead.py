@@ -15,6 +15,7 @@ random-weight pipeline (CLIP ViT-L/14 text tower, half-width SD v1 UNet, 256 px)
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -75,16 +76,20 @@ def main() -> None:
     from pytest_unlearnatk.testing import sd_shaped_model
 
     rows, values = [], {}
-    models = [("tiny", tiny_model, (20, 60) if args.quick else (50, 250), 10 if args.quick else 50),
+    # (name, build, (N1, N2) attack steps, bare repeats, rounds)
+    models = [("tiny", tiny_model, (20, 60) if args.quick else (50, 250), 10 if args.quick else 50, 1 if args.quick else 5),
               ("medium", lambda: sd_shaped_model("medium", 128 if args.quick else 256), (2, 4) if args.quick else (3, 8),
-               2 if args.quick else 5)]
-    for name, build, steps, repeats in models:
+               2 if args.quick else 5, 1)]
+    for name, build, steps, repeats, rounds in models:
         model = build()
         for batch in args.batch:
             if name == "medium" and batch > 2 and args.quick:
                 continue
-            step = attack_step_seconds(model, batch, steps)
-            bare = bare_seconds(model, batch, repeats)
+            # alternate the two measurements and take medians: on a busy machine drift hits both alike
+            pairs = [(attack_step_seconds(model, batch, steps), bare_seconds(model, batch, repeats))
+                     for _ in range(rounds)]
+            step = statistics.median(p[0] for p in pairs)
+            bare = statistics.median(p[1] for p in pairs)
             rows.append((name, batch, step * 1000, bare * 1000, step / bare))
             if batch == 1:
                 values.update({f"{name}_step_ms": step * 1000, f"{name}_bare_ms": bare * 1000, f"{name}_overhead": step / bare})

@@ -235,8 +235,8 @@ class _GateRun:
         if self.target_dir is not None:
             return DirectoryTargets(self.target_dir)
         if self.base is not None:
-            base = self.base.load() if isinstance(self.base, LazyModel) else self.base
-            return RenderedTargets(base, self.render_settings)
+            # the base is loaded only if a target is missing from the cache (at the model's image size)
+            return RenderedTargets(self.base, self.renderer.settings)
         return None
 
     @functools.cached_property

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from ._paths import atomic_write_bytes, cache_dir
 from .cases import Case
 from .errors import UnlearnAtkError
-from .models import LoadedModel
+from .models import LazyModel, LoadedModel
 from .render import Renderer, RenderSettings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -54,13 +54,31 @@ class DirectoryTargets:
 
 
 class RenderedTargets:
-    """Targets rendered by the base model, cached as PNG files under ``<cache>/targets``."""
+    """Targets rendered by the base model, cached as PNG files under ``<cache>/targets``.
 
-    def __init__(self, base: LoadedModel, settings: RenderSettings, directory: Path | None = None) -> None:
+    ``base`` may be a :class:`~pytest_unlearnatk.models.LazyModel`: it is loaded only on the first
+    cache miss, so a run whose targets are all cached (a new checkpoint of the same base) keeps a
+    single UNet in memory. Give ``settings`` with the image size filled in to keep it unloaded.
+    """
+
+    def __init__(self, base: LoadedModel | LazyModel, settings: RenderSettings, directory: Path | None = None) -> None:
         self.base = base
-        self.settings = settings.resolved(base.pipeline)
+        if settings.height is None or settings.width is None:
+            settings = settings.resolved(self._pipeline())
+        self.settings = settings
         self.directory = directory or cache_dir() / "targets"
         self._renderer: Renderer | None = None  # built on the first cache miss
+
+    def _pipeline(self) -> Any:
+        return (self.base.load() if isinstance(self.base, LazyModel) else self.base).pipeline
+
+    @property
+    def _dtype(self) -> str:
+        if isinstance(self.base, LazyModel) and not self.base.is_loaded:
+            from .models import select_device, select_dtype
+
+            return select_dtype(self.base.dtype, select_device(self.base.device))
+        return (self.base.load() if isinstance(self.base, LazyModel) else self.base).dtype
 
     def key(self, case: Case, prompt_ids: list[int]) -> str:
         material = {
@@ -69,7 +87,7 @@ class RenderedTargets:
             "seed": case.seed,
             "guidance": case.guidance,
             "render": self.settings.to_dict(),
-            "dtype": self.base.dtype,
+            "dtype": self._dtype,
         }
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -84,7 +102,7 @@ class RenderedTargets:
             except OSError:
                 pass  # damaged cache file: render it again below
         if self._renderer is None:
-            self._renderer = Renderer(self.base.pipeline, self.settings)
+            self._renderer = Renderer(self._pipeline(), self.settings)
         image = self._renderer.render(prompt_ids, case.seed, case.guidance)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")

@@ -221,3 +221,11 @@ def test_xdist_workers_spread_over_the_visible_gpus():
     assert worker_device("cpu", 1, 8) == "cpu"
     assert worker_device("auto", 1, 0) == "auto"  # no GPU: auto resolves to the CPU later
     assert worker_device("auto", None, 8) == "auto"  # not under xdist
+
+
+def test_loaded_pipelines_use_scaled_dot_product_attention(tiny_model):
+    # PyTorch's fused attention (flash / memory-efficient kernels on a GPU) in every attention layer
+    pipeline = tiny_model.pipeline
+    assert {type(p).__name__ for p in pipeline.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert {type(p).__name__ for p in pipeline.vae.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert pipeline.text_encoder.config._attn_implementation == "sdpa"

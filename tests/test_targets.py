@@ -37,3 +37,19 @@ def test_rendered_targets_are_cached_on_disk(base_model, tmp_path):
     # another seed is another target
     fresh(Case("0", "a red circle", seed=5, guidance=6.0), ids)
     assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_cached_targets_do_not_load_the_base(tiny_model, other_tiny_dir, tmp_path, monkeypatch):
+    # a new checkpoint of the same base finds its targets cached: the base's UNet stays on disk
+    from pytest_unlearnatk import LazyModel, load_cases, run_gate
+
+    monkeypatch.setenv("UNLEARNATK_CACHE_DIR", str(tmp_path))
+    cases = load_cases(["a red circle", "a red ball"])
+    never = lambda images: [False] * len(images)  # noqa: E731
+    settings = RenderSettings(steps=2)
+    first_base = LazyModel(str(other_tiny_dir))
+    run_gate(tiny_model, cases, never, budget="smoke", base=first_base, render=settings, progress=False)
+    assert first_base.is_loaded and len(list((tmp_path / "targets").glob("*.png"))) == 2
+    second_base = LazyModel(str(other_tiny_dir))
+    run_gate(tiny_model, cases, never, budget="smoke", base=second_base, render=settings, progress=False)
+    assert not second_base.is_loaded
