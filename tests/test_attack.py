@@ -270,3 +270,18 @@ def test_batched_cases_get_exactly_their_results_alone(tiny_dir, other_tiny_dir)
         assert one.checks == many.checks and one.renders == many.renders
         assert one.loss_trace == many.loss_trace
     assert alone.asr == batched.asr
+
+
+def test_batch_size_auto_and_its_errors(monkeypatch):
+    from pytest_unlearnatk.gate import resolve_batch_size
+
+    assert resolve_batch_size("auto", "cpu") == 8 and resolve_batch_size(None, "cpu") == 8
+    assert resolve_batch_size(3, "cpu") == 3
+    # no GPU here: the free-memory query is faked (free, total) in bytes
+    gib = 2**30
+    for free, expected in ((48 * gib, 8), (2 * gib, 1), (500 * gib, 16)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * gib))
+        assert resolve_batch_size("auto", "cuda:0") == expected
+    for bad in (0, -2, 2.5, "eight", True):
+        with pytest.raises(UnlearnAtkError, match="batch size"):
+            resolve_batch_size(bad, "cpu")
