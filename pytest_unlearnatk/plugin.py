@@ -422,16 +422,15 @@ class GateReporter:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.by_test: dict[str, GateRecord] = {}
+        self.by_test: dict[tuple[str, str], GateRecord] = {}  # (test id, gate name) -> record
 
     @property
     def records(self) -> list[GateRecord]:
         return list(self.by_test.values())
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        record = GateRecord.from_properties(report.user_properties)
-        if record is not None:
-            self.by_test[report.nodeid] = record
+        for record in GateRecord.all_from_properties(report.user_properties):
+            self.by_test[(report.nodeid, record.gate)] = record
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.records:

@@ -61,6 +61,17 @@ class GateRecord:
         except TypeError:
             return None  # not a gate's test
 
+    @classmethod
+    def all_from_properties(cls, properties: list[tuple[str, Any]]) -> list[GateRecord]:
+        """Every gate recorded in one test's properties (a test body may run several gates)."""
+        groups: list[list[tuple[str, Any]]] = []
+        for key, value in properties:
+            if key == "unlearn_gate" or (key.startswith("unlearn_") and not groups):
+                groups.append([])  # each record starts with its gate's name
+            if key.startswith("unlearn_"):
+                groups[-1].append((key, value))
+        return [record for group in groups if (record := cls.from_properties(group)) is not None]
+
 
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The 95% Wilson score interval of a rate ``hits / n`` (sensible also near 0% and 100%)."""

@@ -79,6 +79,8 @@ def test_runner_fixture_and_pipeline_fixtures(pytester, gate_args):
             assert unlearned_pipeline.pipeline.unet is not base_pipeline.pipeline.unet
             result = unlearn_gate(concept="circle", prompts=["a red circle"], judge=never, max_asr=0.0, attack="no_attack")
             assert result.n == 1 and result.pre_asr == 0.0
+            second = unlearn_gate(concept="ball", prompts=["a ball", "an orb"], judge=never, max_asr=0.0, attack="no_attack")
+            assert second.n == 2
 
         def test_same_models_again(unlearned_pipeline):
             import gc
@@ -87,7 +89,9 @@ def test_runner_fixture_and_pipeline_fixtures(pytester, gate_args):
     )
     result = pytester.runpytest(*gate_args)
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*test_runner.py::test_own_cases#1*circle*1*0.0%*0.0%*0.0%*PASS*"])
+    # both gates of the test body are in the summary
+    result.stdout.fnmatch_lines(["*test_runner.py::test_own_cases#1*circle*1*0.0%*0.0%*0.0%*PASS*",
+                                 "*test_runner.py::test_own_cases#2*ball*2*0.0%*0.0%*0.0%*PASS*"])
 
 
 def test_yaml_suite_is_collected_and_run(pytester, gate_args):
