@@ -45,7 +45,10 @@ def test_cached_targets_do_not_load_the_base(tiny_model, other_tiny_dir, tmp_pat
 
     monkeypatch.setenv("UNLEARNATK_CACHE_DIR", str(tmp_path))
     cases = load_cases(["a red circle", "a red ball"])
-    never = lambda images: [False] * len(images)  # noqa: E731
+
+    def never(images):
+        return [False] * len(images)
+
     settings = RenderSettings(steps=2)
     first_base = LazyModel(str(other_tiny_dir))
     run_gate(tiny_model, cases, never, budget="smoke", base=first_base, render=settings, progress=False)
