@@ -8,13 +8,13 @@ Prints a table and, last, one summary line ``key=value ...``.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def never(images):
-    return [False] * len(images)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import never
 
 
 def main() -> None:

@@ -7,8 +7,9 @@
 
 For each case: a result stored under the same key is reused (no model work); otherwise the plain
 prompt is judged, then every stored adversarial prompt of the concept found for this case is
-replayed, and only then does the attack optimize. Each finished case is written to the store at
-once, so an interrupted run loses at most the case it was on.
+replayed, and only then does the attack optimize (several cases at once, see ``batch_size``).
+Each finished case is written to the store at once, so an interrupted run loses at most the
+cases it was working on.
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ from .targets import DirectoryTargets, RenderedTargets, TargetSource
 from .tokens import TokenLayout, fit_prompt
 
 Model = LoadedModel | LazyModel
-
-AUTO_BATCH_CPU = 8
-AUTO_BATCH_BYTES_PER_CASE = 6 * 2**30  # SD v1 at 512 px, fp16, forward + backward: a safe upper bound
 
 
 @dataclass
@@ -128,8 +126,7 @@ def run_gate(
                 finish(index, *job)
 
     if hasattr(run.attack, "run_many"):
-        size = resolve_batch_size(batch_size, model.device)
-        for job, outcome in run.attack.run_many(jobs(), size, on_step=tracker.step, compile_unet=compile_unet):
+        for job, outcome in run.attack.run_many(jobs(), batch_size, on_step=tracker.step, compile_unet=compile_unet):
             finish(job.index, run.complete(job, outcome), False)
     else:
         for job in jobs():
@@ -145,20 +142,6 @@ def run_gate(
         reused=reused,
         replay_only=replay_only,
     )
-
-
-def resolve_batch_size(batch_size: int | str | None, device: str | None) -> int:
-    """``batch_size`` as a number: ``None``/``"auto"`` picks one for the device (see docs/performance.md)."""
-    if batch_size in (None, "auto"):
-        if device and str(device).startswith("cuda"):
-            import torch
-
-            free, _ = torch.cuda.mem_get_info(torch.device(device))
-            return max(1, min(16, int(free / AUTO_BATCH_BYTES_PER_CASE)))
-        return AUTO_BATCH_CPU
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UnlearnAtkError(f"batch size {batch_size!r}: give a whole number of cases >= 1, or 'auto'")
-    return batch_size
 
 
 def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:

@@ -8,6 +8,7 @@ reference code's layout).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -72,13 +73,14 @@ class RenderedTargets:
     def _pipeline(self) -> Any:
         return (self.base.load() if isinstance(self.base, LazyModel) else self.base).pipeline
 
-    @property
+    @functools.cached_property
     def _dtype(self) -> str:
+        """The base's dtype as it loads (``auto`` resolved), without loading it."""
         if isinstance(self.base, LazyModel) and not self.base.is_loaded:
             from .models import select_device, select_dtype
 
             return select_dtype(self.base.dtype, select_device(self.base.device))
-        return (self.base.load() if isinstance(self.base, LazyModel) else self.base).dtype
+        return self.base.load().dtype if isinstance(self.base, LazyModel) else self.base.dtype
 
     def key(self, case: Case, prompt_ids: list[int]) -> str:
         material = {

@@ -23,10 +23,24 @@ def clip_tokenizer():
     return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), model_max_length=77)
 
 
+def assemble_pipeline(unet: Any, vae: Any, text_encoder: Any, prediction_type: str = "epsilon") -> Any:
+    """A StableDiffusionPipeline of these modules, the real CLIP tokenizer and SD v1's noise schedule."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        skip_prk_steps=True, steps_offset=1, prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny StableDiffusionPipeline to ``out_dir`` (about 8 MB) and return the directory."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -66,25 +80,7 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str
             pad_token_id=49407,
         )
     )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = assemble_pipeline(unet, vae, text_encoder, prediction_type)
     out_dir = Path(out_dir)
     pipeline.save_pretrained(out_dir)
     return out_dir
@@ -105,7 +101,7 @@ def sd_shaped_model(shape: str = "sd14", resolution: int = 512, device: str = "c
     ``shape``: ``sd14`` (SD v1.4's sizes: 860M-parameter UNet) or ``medium`` (half the channels).
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .models import LoadedModel
@@ -127,12 +123,7 @@ def sd_shaped_model(shape: str = "sd14", resolution: int = 512, device: str = "c
             vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
             max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
         ))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                              skip_prk_steps=True, steps_offset=1)
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipeline = assemble_pipeline(unet, vae, text_encoder)
     if dtype != "float32":
         pipeline.to(dtype=getattr(torch, dtype))
     pipeline.set_progress_bar_config(disable=True)

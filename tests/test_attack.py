@@ -273,7 +273,7 @@ def test_batched_cases_get_exactly_their_results_alone(tiny_dir, other_tiny_dir)
 
 
 def test_batch_size_auto_and_its_errors(monkeypatch):
-    from pytest_unlearnatk.gate import resolve_batch_size
+    from pytest_unlearnatk.attacks.unlearndiffatk import resolve_batch_size
 
     assert resolve_batch_size("auto", "cpu") == 8 and resolve_batch_size(None, "cpu") == 8
     assert resolve_batch_size(3, "cpu") == 3

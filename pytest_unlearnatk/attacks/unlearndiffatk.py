@@ -210,7 +210,8 @@ class UnlearnDiffAtk:
         [(_, outcome)] = self.run_many([AttackJob(case, prompt, context)], batch_size=1)
         return outcome
 
-    def run_many(self, jobs: Iterable[AttackJob], batch_size: int, on_step: StepCallback | None = None,
+    def run_many(self, jobs: Iterable[AttackJob], batch_size: int | str | None = "auto",
+                 on_step: StepCallback | None = None,
                  compile_unet: bool = False) -> Iterator[tuple[AttackJob, AttackOutcome]]:
         """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
 
@@ -218,12 +219,30 @@ class UnlearnDiffAtk:
         rendered and judged together; a finished case's place goes to the next job at once. Each
         case keeps its own generator, optimizer state and timestep sweep, so it gets the tokens
         and verdict it gets alone (losses agree up to float rounding). ``jobs`` is read lazily:
-        the next job is taken only when a place is free. ``compile_unet``: run the attack's UNet
+        the next job is taken only when a place is free. ``batch_size``: a number, or ``"auto"``
+        (see :func:`resolve_batch_size`; decided on the model's device). ``compile_unet``: run the attack's UNet
         calls through ``torch.compile`` (worth it on a GPU for long gates; the first steps compile).
         """
-        if batch_size < 1:
-            raise UnlearnAtkError(f"batch size {batch_size}; must be at least 1")
         yield from _BatchedOptimization(self.config, iter(jobs), batch_size, on_step, compile_unet).run()
+
+
+AUTO_BATCH_CPU = 8
+AUTO_BATCH_BYTES_PER_CASE = 6 * 2**30  # SD v1 at 512 px, fp16, forward + backward: a safe upper bound
+
+
+def resolve_batch_size(batch_size: int | str | None, device: str) -> int:
+    """``batch_size`` as a number. ``None``/``"auto"``: 8 on the CPU; on a GPU, its free memory
+    at about 6 GiB per case, between 1 and 16 (see docs/performance.md)."""
+    if batch_size in (None, "auto"):
+        if device.startswith("cuda"):
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            return max(1, min(16, int(free / AUTO_BATCH_BYTES_PER_CASE)))
+        return AUTO_BATCH_CPU
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UnlearnAtkError(f"batch size {batch_size!r}: give a whole number of cases >= 1, or 'auto'")
+    return batch_size
 
 
 class _BatchedOptimization:
@@ -231,10 +250,12 @@ class _BatchedOptimization:
 
     beta1, beta2, eps = 0.9, 0.999, 1e-8  # Adam's defaults, as in the paper's code
 
-    def __init__(self, config: UnlearnDiffAtkConfig, jobs: Iterator[AttackJob], batch_size: int,
+    def __init__(self, config: UnlearnDiffAtkConfig, jobs: Iterator[AttackJob], batch_size: int | str | None,
                  on_step: StepCallback | None, compile_unet: bool = False) -> None:
-        self.config, self.jobs, self.batch_size, self.on_step = config, jobs, batch_size, on_step
-        self.compile_unet = compile_unet
+        self.config, self.jobs, self.on_step, self.compile_unet = config, jobs, on_step, compile_unet
+        self.requested_batch = batch_size
+        # an explicit size is checked at once; "auto" is decided once the model's device is known
+        self.batch_size = None if batch_size in (None, "auto") else resolve_batch_size(batch_size, "cpu")
         self.slots: list[_Slot] = []
         self.pipeline: Any = None
 
@@ -247,6 +268,7 @@ class _BatchedOptimization:
         for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
             module.requires_grad_(False).eval()
         self.device = pipeline.device
+        self.batch_size = resolve_batch_size(self.requested_batch, str(self.device))
         self.unet = torch.compile(pipeline.unet) if self.compile_unet else pipeline.unet  # same weights
         self.table = pipeline.text_encoder.get_input_embeddings().weight  # (vocab, width)
         # on a GPU with half-precision weights, the model runs under autocast; the adversarial
@@ -289,7 +311,7 @@ class _BatchedOptimization:
         import torch
 
         added = 0
-        while len(self.slots) < self.batch_size:
+        while self.batch_size is None or len(self.slots) < self.batch_size:  # None until the first job
             job = next(self.jobs, None)
             if job is None:
                 break
@@ -319,7 +341,8 @@ class _BatchedOptimization:
         if not self.slots:
             return
         self.probabilities.requires_grad_(True)
-        self.scratch = torch.empty_like(self.probabilities, requires_grad=False)  # reused every step
+        if getattr(self, "scratch", None) is None or self.scratch.shape != self.probabilities.shape:
+            self.scratch = torch.empty_like(self.probabilities, requires_grad=False)  # reused every step
         self.ids = torch.tensor([slot.ids for slot in self.slots], device=self.device)
         self.target_latents = torch.cat([slot.target_latent for slot in self.slots])
         self.timestep_batch = torch.tensor([slot.timestep for slot in self.slots], device=self.device)
