@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from pytest_unlearnatk import UnlearnAtkError, get_preset, load_cases, load_pipeline, run_gate
-from pytest_unlearnatk.attacks.unlearndiffatk import EmbeddingInjector, project_to_simplex
+from pytest_unlearnatk.attacks.unlearndiffatk import (
+    EmbeddingInjector,
+    adam_step_per_case,
+    project_to_simplex,
+    sample_tokens,
+    simplex_threshold,
+)
 from pytest_unlearnatk.render import Renderer, RenderSettings
 from pytest_unlearnatk.tokens import TokenLayout
 
@@ -202,6 +208,76 @@ def test_projection_lands_on_the_simplex_and_matches_the_sort_solution():
     assert torch.allclose(projected, exact, atol=1e-5)
 
 
+def test_projection_of_attack_like_rows_is_exact():
+    """Rows like the attack's after an Adam step (sparse probabilities moved by about lr in every
+    coordinate), including the very first step from the uniform start, and a row already on the
+    simplex, which must come back unchanged."""
+    generator = torch.Generator().manual_seed(1)
+    vocab = 49408
+    sparse = torch.zeros(3, vocab)
+    sparse[:, :800] = torch.rand(3, 800, generator=generator)
+    sparse /= sparse.sum(-1, keepdim=True)
+    moves = torch.randn(3, vocab, generator=generator).sign() * 0.01
+    rows = torch.cat([sparse + moves, torch.full((1, vocab), 1 / vocab) + moves[:1], sparse[:1]])
+    projected = project_to_simplex(rows.clone())
+    ordered = rows.double().sort(dim=-1, descending=True).values
+    cumulative = ordered.cumsum(-1) - 1
+    count = (ordered > cumulative / torch.arange(1, vocab + 1)).sum(-1, keepdim=True)
+    exact = (rows.double() - cumulative.gather(-1, count - 1) / count).clamp(min=0)
+    assert torch.allclose(projected.double(), exact, atol=1e-7, rtol=0)
+    assert torch.allclose(projected[-1], sparse[0], atol=1e-9, rtol=0)
+    # a guess of tau only speeds it up, however good or bad: above, below, at the root, nowhere
+    tau = simplex_threshold(rows)
+    for guess in (tau + 0.01, tau - 0.01, tau, torch.full_like(tau, float("inf")), torch.full_like(tau, -1.0)):
+        assert torch.allclose(project_to_simplex(rows, guess=guess).double(), exact, atol=1e-7, rtol=0)
+
+
+def test_sampled_tokens_follow_the_inverse_cdf_and_never_have_zero_probability():
+    generator = torch.Generator().manual_seed(0)
+    vocab = 1000  # not a multiple of the 256-id chunks: the padded path
+    probabilities = torch.rand(4, vocab, generator=generator, dtype=torch.float64)
+    probabilities[probabilities < 0.9] = 0  # ~100 ids with mass per row, runs of zeros between
+    probabilities[:, -300:] = 0  # the last chunks hold nothing
+    probabilities /= probabilities.sum(-1, keepdim=True)
+    uniforms = torch.rand(4, 500, generator=generator, dtype=torch.float64)
+    uniforms[:, 0], uniforms[:, 1] = 0.0, 1 - 2**-53  # both ends
+    cdf = probabilities.cumsum(-1)
+    for row in range(4):
+        expected = torch.searchsorted(cdf[row], uniforms[row] * cdf[row, -1], right=True)
+        repeated = probabilities[row].expand(500, vocab)
+        sampled = sample_tokens(repeated, uniforms[row], chunk=256)
+        assert (probabilities[row, sampled] > 0).all()
+        # the two levels add in another order: an id may differ only where a uniform falls
+        # within rounding of an id's boundary, which these draws never do
+        assert torch.equal(sampled, expected.clamp(max=vocab - 1))
+
+
+def test_per_case_adam_matches_torch_optim_adam():
+    """The fused per-case update equals torch.optim.Adam run on each case alone, with cases at
+    different step counts (a case that joined the batch later)."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(2, 5, 300, generator=generator)
+    grads = [torch.randn(2, 5, 300, generator=generator) for _ in range(4)]
+    parameters, exp_avg, exp_avg_sq = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
+    steps = [torch.tensor(0.0), torch.tensor(0.0)]
+    references = [torch.nn.Parameter(start[i].clone()) for i in range(2)]
+    optimizers = [torch.optim.Adam([p], lr=0.01, weight_decay=0.1) for p in references]
+    for t, grad in enumerate(grads):
+        if t == 0:  # the second case starts one step later
+            adam_step_per_case(parameters[:1], grad[:1].clone(), exp_avg[:1], exp_avg_sq[:1], steps[:1],
+                               lr=0.01, weight_decay=0.1)
+        else:
+            adam_step_per_case(parameters, grad.clone(), exp_avg, exp_avg_sq, steps, lr=0.01, weight_decay=0.1)
+        for i, (reference, optimizer) in enumerate(zip(references, optimizers)):
+            if t == 0 and i == 1:
+                continue
+            reference.grad = grad[i].clone()
+            optimizer.step()
+    assert [float(s) for s in steps] == [4.0, 3.0]
+    for i in range(2):
+        assert torch.allclose(parameters[i], references[i].detach(), atol=1e-6, rtol=0)
+
+
 def test_injected_embeddings_equal_the_ids_they_stand_for(tiny_model):
     """The hook route gives the same text features as the real token ids (transformers 5 safe)."""
     text_encoder = tiny_model.pipeline.text_encoder
@@ -230,8 +306,8 @@ def test_random_baseline_uses_the_attack_budget_in_renders(tiny_model):
 
 def test_weights_file_model_renders_targets_with_its_own_base(tiny_dir, other_tiny_dir, tmp_path):
     """No base= given: a model loaded as weights over a base uses that base for its targets."""
-    from safetensors.torch import save_file
     from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
 
     save_file(UNet2DConditionModel.from_pretrained(other_tiny_dir / "unet").state_dict(), str(tmp_path / "unet.safetensors"))
     model = load_pipeline(tmp_path / "unet.safetensors", base=tiny_dir)
