@@ -338,7 +338,7 @@ class _BatchedOptimization:
         self.device = pipeline.device
         self.batch_size = resolve_batch_size(self.requested_batch, str(self.device))
         self.unet = torch.compile(pipeline.unet) if self.compile_unet else pipeline.unet  # same weights
-        self.unet_dtype = pipeline.unet.dtype  # diffusers walks every parameter to answer this: ~1 ms
+        self.unet_dtype = pipeline.unet.dtype  # diffusers walks the model to answer this (0.3-1 ms)
         self.table = pipeline.text_encoder.get_input_embeddings().weight  # (vocab, width)
         # on a GPU with half-precision weights, the model runs under autocast; the adversarial
         # variables (probabilities, Adam state, loss) stay float32 throughout
