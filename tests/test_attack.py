@@ -13,7 +13,6 @@ from pytest_unlearnatk import UnlearnAtkError, get_preset, load_cases, load_pipe
 from pytest_unlearnatk.attacks.unlearndiffatk import (
     EmbeddingInjector,
     adam_step_per_case,
-    project_to_simplex,
     sample_tokens,
     simplex_threshold,
 )
@@ -191,6 +190,10 @@ def test_presets():
         get_preset("huge")
     with pytest.raises(UnlearnAtkError, match=r"unknown UnlearnDiffAtk setting\(s\) \['tokens'\]"):
         get_preset("fast", tokens=3)
+
+
+def project_to_simplex(rows, guess=None):
+    return (rows - simplex_threshold(rows, guess=guess)).clamp(min=0)
 
 
 def test_projection_lands_on_the_simplex_and_matches_the_sort_solution():

@@ -84,8 +84,9 @@ def get_preset(name: str, **overrides: Any) -> UnlearnDiffAtkConfig:
 
 
 def simplex_threshold(rows: Any, scratch: Any = None, guess: Any = None, max_iterations: int = 64) -> Any:
-    """The tau (rows, 1) for which ``clip(row - tau, 0)`` sums to 1: the Euclidean projection of
-    each row onto the probability simplex is that clip (see ``project_to_simplex``).
+    """The tau (rows, 1) for which ``clip(row - tau, 0)`` sums to 1: that clip is the Euclidean
+    projection of the row onto the probability simplex {p : p >= 0, sum p = 1}, exact up to
+    rounding.
 
     ``g(tau) = sum(clip(row - tau, 0))`` is convex, piecewise linear and decreasing, so Newton's
     method started below the root climbs to it monotonically and stops exactly, once the set of
@@ -116,19 +117,6 @@ def simplex_threshold(rows: Any, scratch: Any = None, guess: Any = None, max_ite
         count = new_count
         tau = (above.mul_(rows).sum(dim=-1, keepdim=True) - 1) / count
     return tau
-
-
-def project_to_simplex(rows: Any, scratch: Any = None, out: Any = None, guess: Any = None) -> Any:
-    """Euclidean projection of each row onto {p : p >= 0, sum p = 1}, exact up to rounding.
-
-    ``scratch`` (a tensor like ``rows``) and ``out`` (may be ``rows`` itself) let a caller reuse
-    memory: fresh vocabulary-sized tensors each step cost more than the arithmetic on the CPU.
-    ``guess``: see ``simplex_threshold``.
-    """
-    import torch
-
-    tau = simplex_threshold(rows, scratch, guess)
-    return torch.sub(rows, tau, out=torch.empty_like(rows) if out is None else out).clamp_(min=0)
 
 
 def sample_tokens(probabilities: Any, uniforms: Any, chunk: int = 256) -> Any:
@@ -351,7 +339,8 @@ class _BatchedOptimization:
         k = self.config.n_tokens
         empty = torch.zeros((0, k, self.vocab), device=self.device, dtype=torch.float32)
         self.probabilities, self.exp_avg, self.exp_avg_sq = empty.clone(), empty.clone(), empty.clone()
-        self.taus = torch.zeros((0, k, 1), device=self.device, dtype=torch.float32)  # last projection's
+        # each row's simplex threshold at its last step: the guess for its next projection
+        self.thresholds = torch.zeros((0, k, 1), device=self.device, dtype=torch.float32)
 
     def _new_slot(self, job: AttackJob) -> _Slot:
         import torch
@@ -394,14 +383,16 @@ class _BatchedOptimization:
             self.probabilities = torch.cat([self.probabilities.detach(), uniform])
             self.exp_avg = torch.cat([self.exp_avg, zeros])
             self.exp_avg_sq = torch.cat([self.exp_avg_sq, zeros])
-            self.taus = torch.cat([self.taus, torch.full((added, k, 1), -1.0, device=self.device)])  # no guess yet
+            no_guess = torch.full((added, k, 1), -1.0, device=self.device)  # below every row: a plain start
+            self.thresholds = torch.cat([self.thresholds, no_guess])
             self._restack()
 
     def _remove(self, finished: list[int]) -> None:
         keep = [i for i in range(len(self.slots)) if i not in set(finished)]
         self.slots = [self.slots[i] for i in keep]
         self.probabilities = self.probabilities.detach()[keep]
-        self.exp_avg, self.exp_avg_sq, self.taus = self.exp_avg[keep], self.exp_avg_sq[keep], self.taus[keep]
+        self.exp_avg, self.exp_avg_sq = self.exp_avg[keep], self.exp_avg_sq[keep]
+        self.thresholds = self.thresholds[keep]
         self._restack()
 
     def _restack(self) -> None:
@@ -475,19 +466,15 @@ class _BatchedOptimization:
         losses = (prediction - wanted).pow(2).mean(dim=(1, 2, 3))  # one MSE per case
         losses.sum().backward()  # the sum keeps each case's gradient its own
         with torch.no_grad():
-            self._adam(probabilities.grad.clamp_(-config.grad_clip, config.grad_clip))
+            grad = probabilities.grad.clamp_(-config.grad_clip, config.grad_clip)
+            adam_step_per_case(probabilities.detach(), grad, self.exp_avg, self.exp_avg_sq,
+                               [slot.adam_step for slot in slots], lr=config.lr, weight_decay=config.weight_decay)
             flat = probabilities.view(-1, self.vocab)
-            # each row's tau of the step before is a close guess of its tau now
-            tau = simplex_threshold(flat, scratch=self.scratch.view(-1, self.vocab), guess=self.taus.view(-1, 1))
-            torch.sub(flat, tau, out=flat).clamp_(min=0)
-            self.taus = tau.view_as(self.taus)
+            tau = simplex_threshold(flat, scratch=self.scratch.view(-1, self.vocab), guess=self.thresholds.view(-1, 1))
+            torch.sub(flat, tau, out=flat).clamp_(min=0)  # the projection onto the simplex, in place
+            self.thresholds = tau.view_as(self.thresholds)
         for slot, loss in zip(slots, losses.detach()):
             slot.block_losses.append(loss)
-
-    def _adam(self, grad: Any) -> None:
-        steps = [slot.adam_step for slot in self.slots]
-        adam_step_per_case(self.probabilities.detach(), grad, self.exp_avg, self.exp_avg_sq, steps,
-                           lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def _end_blocks(self, ended: list[int]) -> list[int]:
         """Check the argmax tokens of the cases whose block just ended; return the finished ones."""
