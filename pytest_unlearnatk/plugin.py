@@ -33,7 +33,7 @@ OPTIONS = [
     ("--unlearn-budget", "PRESET", "attack budget for every gate: smoke, fast, reference (default: each gate's own, else reference)", None),
     ("--unlearn-report", "DIR", "directory for the JSON report and the images of every gate", None),
     ("--unlearn-store", "DIR", "the adversarial-prompt store (default: .unlearnatk in the rootdir)", None),
-    ("--unlearn-batch", "N", "cases UnlearnDiffAtk optimizes at once: a number or auto (default: each gate's batch, else auto: 8 on CPU, by free memory on a GPU)", None),
+    ("--unlearn-batch", "N", "cases UnlearnDiffAtk optimizes at once: a number or auto (default: each gate's batch, else auto: by free memory and the model's size, at most 8 on CPU and 16 on a GPU)", None),
     ("--unlearn-shard", "I/N", "run only the I-th of N slices of each gate's cases; the verdict comes from a run with all slices in the store", None),
 ]
 # (flag, help); each also an ini boolean

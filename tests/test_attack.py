@@ -351,16 +351,46 @@ def test_batched_cases_get_exactly_their_results_alone(tiny_dir, other_tiny_dir)
     assert alone.asr == batched.asr
 
 
+def test_case_memory_estimate_on_known_shapes():
+    """The estimate behind the automatic batch size, on the shapes it was measured on (the medium
+    SD-shaped pipeline: 0.35 GiB per case on the CPU; the toy model: 11 MB) and SD v1.4's."""
+    import json
+
+    from pytest_unlearnatk.attacks.unlearndiffatk import case_memory_bytes
+    from pytest_unlearnatk.testing import SD_SHAPES
+    from pytest_unlearnatk.toy import WEIGHTS_DIR
+
+    gib = 2**30
+
+    def sd_shaped(shape, pixels):
+        return {"sample_size": pixels // 8, "block_out_channels": SD_SHAPES[shape]["unet"], "layers_per_block": 2}
+
+    assert 0.3 * gib < case_memory_bytes(sd_shaped("medium", 256)) < 0.4 * gib
+    assert 2.5 * gib < case_memory_bytes(sd_shaped("sd14", 512)) < 3.1 * gib
+    assert case_memory_bytes(sd_shaped("sd14", 512), dtype_bytes=2) * 2 == case_memory_bytes(sd_shaped("sd14", 512))
+    toy = json.loads((WEIGHTS_DIR / "base" / "unet" / "config.json").read_text())
+    assert 3e6 < case_memory_bytes(toy) < 20e6
+
+
 def test_batch_size_auto_and_its_errors(monkeypatch):
+    from types import SimpleNamespace
+
+    import psutil
+
     from pytest_unlearnatk.attacks.unlearndiffatk import resolve_batch_size
 
-    assert resolve_batch_size("auto", "cpu") == 8 and resolve_batch_size(None, "cpu") == 8
-    assert resolve_batch_size(3, "cpu") == 3
-    # no GPU here: the free-memory query is faked (free, total) in bytes
     gib = 2**30
-    for free, expected in ((48 * gib, 8), (2 * gib, 1), (500 * gib, 16)):
+    sd14_float32, sd14_float16, toy = int(2.8 * gib), int(1.4 * gib), 6 * 2**20
+    assert resolve_batch_size(3, "cpu") == 3 and resolve_batch_size(3, "cuda:0", sd14_float32) == 3
+    assert resolve_batch_size("auto", "cpu") == 8 and resolve_batch_size(None, "cpu") == 8  # size unknown
+    # the amount of free memory cannot be chosen here, and there is no GPU: both readings are faked
+    for available, case_bytes, expected in ((24 * gib, sd14_float32, 4), (24 * gib, toy, 8), (2 * gib, sd14_float32, 1)):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda available=available: SimpleNamespace(available=available))
+        assert resolve_batch_size("auto", "cpu", case_bytes) == expected  # half the RAM, at most 8
+    for free, case_bytes, expected in ((48 * gib, sd14_float16, 8), (2 * gib, sd14_float16, 1),
+                                       (500 * gib, sd14_float16, 16), (48 * gib, toy, 16)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * gib))
-        assert resolve_batch_size("auto", "cuda:0") == expected
+        assert resolve_batch_size("auto", "cuda:0", case_bytes) == expected  # 4x margin, at most 16
     for bad in (0, -2, 2.5, "eight", True):
         with pytest.raises(UnlearnAtkError, match="batch size"):
             resolve_batch_size(bad, "cpu")

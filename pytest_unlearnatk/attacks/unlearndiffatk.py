@@ -278,26 +278,52 @@ class UnlearnDiffAtk:
         case keeps its own generator, optimizer state and timestep sweep, so it gets the tokens
         and verdict it gets alone (losses agree up to float rounding). ``jobs`` is read lazily:
         the next job is taken only when a place is free. ``batch_size``: a number, or ``"auto"``
-        (see :func:`resolve_batch_size`; decided on the model's device). ``compile_unet``: run the attack's UNet
-        calls through ``torch.compile`` (worth it on a GPU for long gates; the first steps compile).
+        (see :func:`resolve_batch_size`; decided on the model's device and its size).
+        ``compile_unet``: run the attack's UNet calls through ``torch.compile`` (worth it on a GPU
+        for long gates; the first steps compile).
         """
         yield from _BatchedOptimization(self.config, iter(jobs), batch_size, on_step, compile_unet).run()
 
 
-AUTO_BATCH_CPU = 8
-AUTO_BATCH_BYTES_PER_CASE = 6 * 2**30  # SD v1 at 512 px, fp16, forward + backward: a safe upper bound
+AUTO_BATCH_MAX = {"cpu": 8, "gpu": 16}  # beyond these, batching gains little (docs/performance.md)
+BYTES_PER_ACTIVATION_UNIT = 760  # float32, measured on the CPU: see case_memory_bytes
+GPU_MEMORY_MARGIN = 4  # unmeasured on a GPU: leave room for kernels' workspaces and fragmentation
 
 
-def resolve_batch_size(batch_size: int | str | None, device: str) -> int:
-    """``batch_size`` as a number. ``None``/``"auto"``: 8 on the CPU; on a GPU, its free memory
-    at about 6 GiB per case, between 1 and 16 (see docs/performance.md)."""
+def case_memory_bytes(unet_config: Any, dtype_bytes: int = 4) -> int:
+    """Estimated memory one more case adds to a batch: the activations its backward pass keeps.
+
+    They scale with the UNet's top level: latent area x the first block's channels x (layers per
+    block + 1). ``BYTES_PER_ACTIVATION_UNIT`` per such unit in float32 is what the medium
+    SD-shaped pipeline measured on the CPU (benchmarks/memory.py: 0.35 GiB per case at 256 px);
+    the toy model measured twice its estimate (11 MB, not 6). SD v1.4 at 512 px comes out at
+    2.8 GiB per case in float32, 1.4 GiB in float16.
+    """
+    def first(value: Any) -> int:
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+    size = unet_config["sample_size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    units = height * width * first(unet_config["block_out_channels"]) * (first(unet_config["layers_per_block"]) + 1)
+    return int(units * BYTES_PER_ACTIVATION_UNIT * dtype_bytes / 4)
+
+
+def resolve_batch_size(batch_size: int | str | None, device: str, case_bytes: int | None = None) -> int:
+    """``batch_size`` as a number. ``None``/``"auto"``: as many cases as free memory holds at
+    ``case_bytes`` each (``case_memory_bytes``), at most 8 on the CPU (half the available RAM)
+    and 16 on a GPU (its free memory, with a 4x margin: about 6 GiB per case for SD v1.4 in
+    float16); at least 1. Without ``case_bytes`` the automatic size is the maximum."""
     if batch_size in (None, "auto"):
         if device.startswith("cuda"):
             import torch
 
             free, _ = torch.cuda.mem_get_info(torch.device(device))
-            return max(1, min(16, int(free / AUTO_BATCH_BYTES_PER_CASE)))
-        return AUTO_BATCH_CPU
+            most, room, per_case = AUTO_BATCH_MAX["gpu"], free, GPU_MEMORY_MARGIN * (case_bytes or 0)
+        else:
+            import psutil
+
+            most, room, per_case = AUTO_BATCH_MAX["cpu"], psutil.virtual_memory().available / 2, case_bytes or 0
+        return max(1, min(most, int(room / per_case))) if per_case else most
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UnlearnAtkError(f"batch size {batch_size!r}: give a whole number of cases >= 1, or 'auto'")
     return batch_size
@@ -324,9 +350,10 @@ class _BatchedOptimization:
         for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
             module.requires_grad_(False).eval()
         self.device = pipeline.device
-        self.batch_size = resolve_batch_size(self.requested_batch, str(self.device))
         self.unet = torch.compile(pipeline.unet) if self.compile_unet else pipeline.unet  # same weights
         self.unet_dtype = pipeline.unet.dtype  # diffusers walks the model to answer this (0.3-1 ms)
+        case_bytes = case_memory_bytes(pipeline.unet.config, self.unet_dtype.itemsize)
+        self.batch_size = resolve_batch_size(self.requested_batch, str(self.device), case_bytes)
         self.table = pipeline.text_encoder.get_input_embeddings().weight  # (vocab, width)
         # on a GPU with half-precision weights, the model runs under autocast; the adversarial
         # variables (probabilities, Adam state, loss) stay float32 throughout
