@@ -7,7 +7,7 @@ allocated GPU memory. "models" loads the unlearned pipeline (UNet + text encoder
 judge and renders one image; "attack" does the same and then runs UnlearnDiffAtk on as many
 cases as the batch holds (2 timesteps x 3 steps and their checks: the peak comes with the first
 step; target images from a directory, so no second model is loaded).
-``ratio = attack / models``. Both include the Python and torch runtime (about 0.3-0.4 GB on the
+``ratio = attack / models``. Both include the Python and torch runtime (about 0.2 GiB on the
 CPU), which is printed too so the ratio can be read without it.
 Models: the toy world (``toy:erased``, 18 MB of weights) and a medium SD-shaped random-weight
 pipeline (CLIP ViT-L/14 text tower, half-width SD v1 UNet, 256 px; 1.7 GB in float32).

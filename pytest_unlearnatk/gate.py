@@ -82,8 +82,9 @@ def run_gate(
     :class:`~pytest_unlearnatk.progress.GateProgress` after every case and optimization step.
     ``on_case`` is called with each case's result as soon as it is final (with batching, not
     necessarily in case order; the returned result lists cases in order).
-    ``batch_size``: how many cases UnlearnDiffAtk optimizes at once (``"auto"``: 8 on CPU, by free
-    memory on a GPU); each case's tokens and verdict are the same at any batch size.
+    ``batch_size``: how many cases UnlearnDiffAtk optimizes at once (``"auto"``: by free memory and
+    the model's size, at most 8 on the CPU and 16 on a GPU); each case's tokens and verdict are
+    the same at any batch size (up to float rounding, see docs/performance.md).
     ``compile_unet``: run the attack's UNet calls through ``torch.compile``.
 
     ``store``: reuse and record results and adversarial prompts (under ``concept``, default the

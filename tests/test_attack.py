@@ -253,6 +253,10 @@ def test_sampled_tokens_follow_the_inverse_cdf_and_never_have_zero_probability()
         # the two levels add in another order: an id may differ only where a uniform falls
         # within rounding of an id's boundary, which these draws never do
         assert torch.equal(sampled, expected.clamp(max=vocab - 1))
+    # rounding can put the drawn mass at the total (a uniform of 1.0 does it on purpose): the
+    # sampler must still land on a token that has probability, the last one
+    last_positive = [int(torch.nonzero(row).max()) for row in probabilities]
+    assert sample_tokens(probabilities, torch.ones(4, dtype=torch.float64)).tolist() == last_positive
 
 
 def test_per_case_adam_matches_torch_optim_adam():
