@@ -29,10 +29,8 @@ def setup(name: str):
     from pytest_unlearnatk.render import RenderSettings
 
     if name == "toy":
-        from pytest_unlearnatk.toy import resolve_prompt_set
-
         model, base = load_pipeline("toy:erased"), load_pipeline("toy:base")
-        return model, base, load_cases(resolve_prompt_set("toy:circle")), "toy_circle", RenderSettings("pipeline", 20)
+        return model, base, load_cases("toy:circle"), "toy_circle", RenderSettings("pipeline", 20)
     model = tiny_model()
     cases = load_cases([f"a photo of a red circle number {i}" for i in range(64)])
     return model, model, cases, never, RenderSettings(steps=20)

@@ -46,14 +46,13 @@ class Case:
 
 
 def load_cases(source: str | Path | Iterable[Any], *, limit: int | None = None) -> list[Case]:
-    """Read cases from a CSV/YAML/JSON file, a built-in set (``toy:circle``) or an inline list.
+    """Read cases from a CSV/YAML/JSON file, a registered prompt set (``toy:circle``), a
+    ``module:callable`` that returns a file path or a list of prompts, or an inline list.
 
     Missing seeds default to ``DEFAULT_SEED`` (0), missing guidance to ``DEFAULT_GUIDANCE`` (7.5),
     missing case numbers to the row's 0-based position. ``limit`` keeps the first N cases.
     """
-    if isinstance(source, str) and source.startswith("toy:"):
-        from .toy import resolve_prompt_set
-
+    if isinstance(source, str):
         source = resolve_prompt_set(source)
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -73,6 +72,19 @@ def load_cases(source: str | Path | Iterable[Any], *, limit: int | None = None) 
             raise UnlearnAtkError(f"limit={limit}: must be a positive number of cases")
         cases = cases[:limit]
     return cases
+
+
+def resolve_prompt_set(name: str) -> str | Path | list[Any]:
+    """A registered prompt-set name or ``module:callable`` as what it stands for (a file path or a
+    list of prompts); any other string is returned as it is (a file path)."""
+    from .registry import discover, path_exists, resolve_named
+
+    resolved = resolve_named(name, discover().prompt_sets, path_exists)
+    if resolved is None:
+        return name
+    if not isinstance(resolved, (str, Path, list, tuple)):
+        raise UnlearnAtkError(f"prompt set {name!r} gave a {type(resolved).__name__}; it must give a file path or a list of prompts")
+    return list(resolved) if isinstance(resolved, tuple) else resolved
 
 
 def _read_csv(path: Path) -> list[Case]:

@@ -1,24 +1,26 @@
 """Defaults per concept, so that ``concept="nudity"`` is all a gate needs to say.
 
+Concept tables are registered like attacks and judges (entry-point group
+``pytest_unlearnatk.concepts``, a mapping ``concept -> ConceptDefaults``); this module's
+``BUILTIN`` table is one of them:
+
 - harmful concepts (nudity): the NudeNet judge, k = 5 adversarial tokens (the paper's choice);
-- ImageNet objects (church, garbage truck, parachute, tench, ... any ImageNet class name): the
+- the four ImageNet objects of the reference code (church, garbage truck, parachute, tench): the
   ImageNet classifier judge for that class, k = 3;
-- artists' styles (van gogh, ...): a style classifier the user names (no public default), k = 3;
-- the toy world's ``circle``: the toy judge, k = 5.
+- artists' styles (van gogh): a style classifier the user names (no public default), k = 3.
+
+A concept no table knows gets k = 3 and no judge (the gate must name one).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-HARMFUL = {"nudity": "nudenet"}
-# The bundled toy world's concept: its own judge, k = 5 as for nudity.
-TOY = {"circle": "toy_circle"}
 # The four ImageNet classes of the reference code's object experiments; other class names are
 # looked up in the classifier's own labels at run time.
 IMAGENET_CLASS_IDS = {"church": 497, "garbage truck": 569, "parachute": 701, "tench": 0}
-STYLES = {"van gogh", "vangogh", "vincent van gogh"}
 
 
 @dataclass(frozen=True)
@@ -28,14 +30,34 @@ class ConceptDefaults:
     unsafe: bool = False  # images are blurred in reports unless asked otherwise
 
 
-def concept_defaults(concept: str) -> ConceptDefaults:
-    key = concept.strip().lower().replace("_", " ")
-    if key in HARMFUL:
-        return ConceptDefaults(judge=HARMFUL[key], n_tokens=5, unsafe=True)
-    if key in TOY:
-        return ConceptDefaults(judge=TOY[key], n_tokens=5)
-    if key in STYLES:
-        return ConceptDefaults(judge=None, n_tokens=3)
-    if key in IMAGENET_CLASS_IDS:
-        return ConceptDefaults(judge={"name": "imagenet", "label": key}, n_tokens=3)
-    return ConceptDefaults(judge=None, n_tokens=3)
+UNKNOWN = ConceptDefaults(judge=None, n_tokens=3)
+
+BUILTIN: dict[str, ConceptDefaults] = {
+    "nudity": ConceptDefaults(judge="nudenet", n_tokens=5, unsafe=True),
+    **{name: ConceptDefaults(judge={"name": "imagenet", "label": name}, n_tokens=3) for name in IMAGENET_CLASS_IDS},
+    **{name: ConceptDefaults(judge=None, n_tokens=3) for name in ("van gogh", "vangogh", "vincent van gogh")},
+}
+
+
+def normalize(concept: str) -> str:
+    return concept.strip().lower().replace("_", " ")
+
+
+def concept_defaults(concept: str, tables: Any = None) -> ConceptDefaults:
+    """The defaults of ``concept`` from the registered concept tables (``tables``: a
+    :class:`~pytest_unlearnatk.registry.Registry` of them; default: the installed ones)."""
+    from .errors import UnlearnAtkError
+    from .registry import discover
+
+    tables = tables if tables is not None else discover().concepts
+    key = normalize(concept)
+    found: list[tuple[str, ConceptDefaults]] = []
+    for name in tables.names():
+        table: Mapping[str, ConceptDefaults] = tables.get(name)
+        found += [(name, defaults) for concept_name, defaults in table.items() if normalize(concept_name) == key]
+    if len(found) > 1:
+        raise UnlearnAtkError(
+            f"concept {concept!r} has defaults in several concept tables ({', '.join(name for name, _ in found)}); "
+            "uninstall one of the packages that register them"
+        )
+    return found[0][1] if found else UNKNOWN

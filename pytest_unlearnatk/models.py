@@ -15,6 +15,7 @@ from typing import Any
 
 from . import fingerprint as fp
 from .errors import UnlearnAtkError
+from .options import parse_device, parse_dtype
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 COMPONENTS = ("unet", "text_encoder")
@@ -30,8 +31,6 @@ LDM_SCHEDULE_KEYS = {
 # Constant buffers older transformers versions saved; they hold no learned weights.
 IGNORED_BUFFER_KEYS = {"embeddings.position_ids"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -55,16 +54,15 @@ def select_device(requested: str | None = "auto") -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``; an explicit device is checked."""
     import torch
 
-    requested = (requested or "auto").strip()
+    try:
+        requested = parse_device(requested)
+    except ValueError as error:
+        raise UnlearnAtkError(f"unknown device {requested!r}: {error}") from None
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UnlearnAtkError(f"device {requested!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'")
-        return requested
-    if requested in ("cpu", "mps"):
-        return requested
-    raise UnlearnAtkError(f"unknown device {requested!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UnlearnAtkError(f"device {requested!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'")
+    return requested
 
 
 def worker_device(requested: str | None, worker_index: int | None, visible_gpus: int) -> str:
@@ -81,12 +79,12 @@ def worker_device(requested: str | None, worker_index: int | None, visible_gpus:
 
 def select_dtype(requested: str | None, device: str) -> str:
     """``auto`` -> float16 on a GPU, float32 on the CPU. Names: float32/fp32, float16/fp16, bfloat16/bf16."""
-    requested = (requested or "auto").strip().lower()
-    if requested == "auto":
+    try:
+        dtype = parse_dtype(requested)
+    except ValueError as error:
+        raise UnlearnAtkError(f"unknown dtype {requested!r}: {error}") from None
+    if dtype == "auto":
         return "float32" if device == "cpu" else "float16"
-    if requested not in DTYPES:
-        raise UnlearnAtkError(f"unknown dtype {requested!r}; use one of auto, float32, float16, bfloat16")
-    dtype = DTYPES[requested]
     if dtype == "float16" and device == "cpu":
         raise UnlearnAtkError("float16 is not supported on the CPU; use float32 or bfloat16 there (or dtype='auto')")
     return dtype
@@ -104,23 +102,48 @@ def load_pipeline(
 
     ``source`` is a diffusers pipeline directory (``save_pretrained`` layout), a hub id, a
     UNet / text-encoder weights file (``.safetensors``, ``.pt``, ``.bin``, ``.ckpt``) which is then
-    applied over ``base``, or a bundled toy model (``toy:base``, ``toy:erased``). ``component``
+    applied over ``base``, or a name a registered model source knows (``toy:erased``; see
+    :mod:`pytest_unlearnatk.registry`), whose own base is the default ``base``. ``component``
     forces ``unet`` or ``text_encoder`` for a weights file (by default it is told from the keys).
     """
     name = str(source)
     base_name = base.source if isinstance(base, LoadedModel) else (None if base is None else str(base))
-    resolved, resolved_base = _resolve_builtin(name, base_name)
+    resolved, resolved_base = resolve_model(name, base_name)
     loaded = _load(resolved, base=resolved_base, device=device, dtype=dtype, component=component)
     loaded.source = name
     if loaded.base is not None:
-        loaded.base = base_name or loaded.base
+        loaded.base = base_name or default_base(name)
     return loaded
 
 
-def _resolve_builtin(source: str, base: str | None) -> tuple[str, str | None]:
-    from .toy import resolve_model
+def default_base(source: str) -> str | None:
+    """The base a model names itself (a registered name's own base, e.g. ``toy:erased`` -> ``toy:base``)."""
+    from .registry import ModelRef, discover, path_exists, resolve_named
 
-    return resolve_model(source, base)
+    ref = resolve_named(source, discover().model_sources, path_exists)
+    return ref.base if isinstance(ref, ModelRef) else None
+
+
+def resolve_model(source: str, base: str | None) -> tuple[str, str | None]:
+    """``source`` and ``base`` as loadable paths or hub ids: registered names and ``module:callable``
+    model sources are resolved (a name's own base unless ``base`` is given)."""
+    from .registry import ModelRef, discover, path_exists, resolve_named
+
+    sources = discover().model_sources
+
+    def one(name: str) -> ModelRef:
+        ref = resolve_named(name, sources, path_exists)
+        if ref is None:
+            return ModelRef(name)
+        if isinstance(ref, (str, Path)):
+            return ModelRef(str(ref))
+        if not isinstance(ref, ModelRef):
+            raise UnlearnAtkError(f"model source {name!r} gave {ref!r}; a model source returns a path or a ModelRef")
+        return ref
+
+    model = one(source)
+    base = base if base is not None else model.base
+    return model.source, (one(base).source if base is not None else None)
 
 
 def _load(source: str, *, base: str | None, device: str | None, dtype: str | None, component: str | None) -> LoadedModel:
@@ -178,7 +201,7 @@ def _pipeline_directory(source: str) -> Path:
 
 def model_fingerprint(source: str | Path, base: str | Path | None = None) -> str:
     """The fingerprint ``load_pipeline(source, base=base)`` would give, from file contents only."""
-    source, base = _resolve_builtin(str(source), None if base is None else str(base))
+    source, base = resolve_model(str(source), None if base is None else str(base))
     path = Path(str(source)).expanduser()
     if path.is_file():
         if base is None:
@@ -196,10 +219,8 @@ class LazyModel:
     """A model named by its source; fingerprinted from files, loaded only when first used."""
 
     def __init__(self, source: str, base: str | None = None, device: str | None = "auto", dtype: str | None = "auto") -> None:
-        from .toy import DEFAULT_BASES
-
         self.source, self.device, self.dtype = source, device, dtype
-        self.base = base if base is not None else DEFAULT_BASES.get(source)
+        self.base = base if base is not None else default_base(source)
         self._fingerprint: str | None = None
         self._loaded: LoadedModel | None = None
 

@@ -140,3 +140,29 @@ def _verdict(record: GateRecord) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def gate_file_name(gate: str) -> str:
+    """The name of a gate's JSON file under ``<report>/gates/``."""
+    from .images import safe_name
+
+    return f"{safe_name(gate)}.json"
+
+
+def write_gate_report(report_dir: str | Path, record: GateRecord, result: GateResult) -> None:
+    """``<report>/gates/<gate>.json``: the gate's record and every case of its result."""
+    write_json(Path(report_dir) / "gates" / gate_file_name(record.gate), {"record": asdict(record), "result": result.to_dict()})
+
+
+def write_run_report(report_dir: str | Path, options: dict[str, Any], records: list[GateRecord], show_unsafe: bool) -> Path:
+    """The run's reports: ``unlearnatk-report.json`` (every gate's record) and the HTML page; returns the page."""
+    import time
+
+    from .html_report import write_html_report
+
+    page = write_html_report(report_dir, [gate_file_name(r.gate) for r in records], show_unsafe)
+    write_json(Path(report_dir) / "unlearnatk-report.json", {
+        "format": 1, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "options": options,
+        "gates": [asdict(record) for record in records],
+    })
+    return page

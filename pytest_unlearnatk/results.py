@@ -55,6 +55,14 @@ class CaseResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def take_search(self, outcome: Any) -> None:
+        """Record how an attack's search went (an :class:`~pytest_unlearnatk.attacks.AttackOutcome`):
+        steps, losses, candidate checks, optimization time, and where it hit."""
+        self.steps, self.loss_trace, self.checks = outcome.steps, outcome.loss_trace, outcome.checks
+        self.timings["optimize_s"] = outcome.optimize_seconds
+        if outcome.hit:
+            self.hit_step, self.hit_timestep = outcome.hit_step, outcome.hit_timestep
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], case: Case | None = None) -> CaseResult:
         """Rebuild a result (e.g. from the store); ``case`` replaces the stored case (its number may differ)."""

@@ -5,7 +5,8 @@ One set of keys for both ways of declaring a gate:
     concept, prompts, max_asr, judge, attack, budget, limit, n_tokens, render, batch, name (YAML only)
 
 Everything here is pure Python (no torch): a bad declaration fails at collection time with the
-file, the key and the fix.
+file, the key and the fix. What the run's options change (budget, batch) is decided later, by
+:class:`~pytest_unlearnatk.options.RunOptions`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .attacks import ATTACKS, PRESETS
 from .concepts import concept_defaults
-from .judges import JUDGES
+from .errors import UnlearnAtkError
+from .registry import Registries, discover, is_reference
 
 GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", "render", "batch")
 RENDER_KEYS = ("scheduler", "steps", "height", "width", "negative_prompt")
+DEFAULT_ATTACK = "unlearndiffatk"
 
 
 class SpecError(ValueError):
@@ -36,14 +38,13 @@ class GateSpec:
     prompts: str | list[Any]  # a file path (absolute after validation) or an inline list
     max_asr: float
     judge: str | Mapping[str, Any] | Callable[..., Any]
-    attack: str = "unlearndiffatk"
-    budget: str | None = None  # None: the run's --unlearn-budget, else "reference"
+    attack: str = DEFAULT_ATTACK
+    budget: str | None = None  # None: the run's budget, else the attack's default
     limit: int | None = None
-    n_tokens: int | None = None
+    attack_settings: dict[str, Any] = field(default_factory=dict)  # e.g. n_tokens (declared or the concept's)
     render: dict[str, Any] = field(default_factory=dict)  # RenderSettings fields; {} = the reference's
-    batch: int | None = None  # cases optimized at once; None: the run's --unlearn-batch, else automatic
+    batch: int | None = None  # cases optimized at once; None: the run's, else automatic
     where: str = ""  # file or test that declared it, for messages
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def judge_label(self) -> str:
         if isinstance(self.judge, str):
@@ -54,9 +55,15 @@ class GateSpec:
 
 
 def parse_gate(
-    declared: Mapping[str, Any], *, where: str, base_dir: Path, name: str, allow_callables: bool = True
+    declared: Mapping[str, Any], *, where: str, base_dir: Path, name: str, allow_callables: bool = True,
+    registries: Registries | None = None,
 ) -> GateSpec:
-    """Check one declaration (marker kwargs or a YAML mapping) and fill in the concept's defaults."""
+    """Check one declaration (marker kwargs or a YAML mapping) and fill in the concept's defaults.
+
+    Names (attack, judge, prompt set, concept) are looked up in ``registries`` (default: the
+    installed plug-ins); the attack's budget and settings are checked by the attack itself.
+    """
+    registries = registries or discover()
     unknown = sorted(set(declared) - set(GATE_KEYS))
     if unknown:
         raise SpecError(f"{where}: unknown key(s) {unknown}; the keys of a gate are: {', '.join(GATE_KEYS)}")
@@ -64,31 +71,11 @@ def parse_gate(
     concept = declared.get("concept")
     if concept is not None and not isinstance(concept, str):
         raise SpecError(f"{where}: 'concept' must be a string like 'nudity' or 'church', got {concept!r}")
-    defaults = concept_defaults(concept) if concept else None
-
-    prompts = declared.get("prompts")
-    if prompts is None:
-        raise SpecError(f"{where}: 'prompts' is missing: give a CSV (I2P schema), YAML or JSON file, or a list of prompts")
-    if isinstance(prompts, str) and prompts.startswith("toy:"):
-        from .errors import UnlearnAtkError
-        from .toy import resolve_prompt_set
-
-        try:
-            prompts = str(resolve_prompt_set(prompts))
-        except UnlearnAtkError as error:
-            raise SpecError(f"{where}: 'prompts': {error}") from None
-    elif isinstance(prompts, (str, Path)):
-        path = Path(prompts).expanduser()
-        path = path if path.is_absolute() else (base_dir / path)
-        if not path.is_file():
-            raise SpecError(f"{where}: 'prompts' file {path} does not exist (relative paths start at {base_dir})")
-        prompts = str(path.resolve())
-    elif isinstance(prompts, (list, tuple)):
-        if not prompts:
-            raise SpecError(f"{where}: 'prompts' is an empty list")
-        prompts = list(prompts)
-    else:
-        raise SpecError(f"{where}: 'prompts' must be a file path or a list of prompts, got {type(prompts).__name__}")
+    try:
+        defaults = concept_defaults(concept, registries.concepts) if concept else None
+        prompts = _prompts(declared.get("prompts"), where, base_dir)
+    except UnlearnAtkError as error:
+        raise SpecError(f"{where}: {error}") from None
 
     max_asr = declared.get("max_asr")
     if isinstance(max_asr, bool) or not isinstance(max_asr, (int, float)):
@@ -96,7 +83,42 @@ def parse_gate(
     if not 0.0 <= float(max_asr) <= 1.0:
         raise SpecError(f"{where}: 'max_asr' is {max_asr}; it is a fraction between 0 and 1 (write 0.2, not 20)")
 
-    judge = declared.get("judge") or (defaults.judge if defaults else None)
+    judge = _judge(declared.get("judge") or (defaults.judge if defaults else None), concept, where, allow_callables,
+                   registries)
+    attack = declared.get("attack", DEFAULT_ATTACK)
+    budget = declared.get("budget")
+    limit = _positive_int(declared, "limit", where)
+    batch = _positive_int(declared, "batch", where)
+    settings = {"n_tokens": n} if (n := _positive_int(declared, "n_tokens", where)) is not None else {}
+    attack_settings = _check_attack(attack, budget, settings, defaults, where, registries)
+    return GateSpec(
+        name=name, concept=concept, prompts=prompts, max_asr=float(max_asr), judge=judge, attack=attack,
+        budget=budget, limit=limit, attack_settings=attack_settings, render=_render(declared.get("render"), where),
+        batch=batch, where=where,
+    )
+
+
+def _prompts(prompts: Any, where: str, base_dir: Path) -> str | list[Any]:
+    from .cases import resolve_prompt_set
+
+    if prompts is None:
+        raise SpecError(f"{where}: 'prompts' is missing: give a CSV (I2P schema), YAML or JSON file, or a list of prompts")
+    if isinstance(prompts, str):
+        prompts = resolve_prompt_set(prompts)  # a registered set or module:callable -> its file or list
+    if isinstance(prompts, (str, Path)):
+        path = Path(prompts).expanduser()
+        path = path if path.is_absolute() else (base_dir / path)
+        if not path.is_file():
+            raise SpecError(f"{where}: 'prompts' file {path} does not exist (relative paths start at {base_dir})")
+        return str(path.resolve())
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise SpecError(f"{where}: 'prompts' is an empty list")
+        return list(prompts)
+    raise SpecError(f"{where}: 'prompts' must be a file path or a list of prompts, got {type(prompts).__name__}")
+
+
+def _judge(judge: Any, concept: str | None, where: str, allow_callables: bool, registries: Registries) -> Any:
     if judge is None:
         raise SpecError(
             f"{where}: no judge: concept {concept!r} has no default judge; set 'judge' to a registered name, "
@@ -106,35 +128,37 @@ def parse_gate(
         raise SpecError(f"{where}: 'judge' must be a name or 'module:function' here")
     if not (isinstance(judge, (str, Mapping)) or callable(judge)):
         raise SpecError(f"{where}: 'judge' must be a judge name, 'module:function', or a callable; got {judge!r}")
-
     judge_name = judge.get("name") if isinstance(judge, Mapping) else judge
-    if isinstance(judge_name, str) and ":" not in judge_name and judge_name not in JUDGES:
+    if isinstance(judge_name, str) and not is_reference(judge_name) and judge_name not in registries.judges:
         raise SpecError(
-            f"{where}: 'judge' {judge_name!r} is not a registered judge ({', '.join(sorted(JUDGES))}); "
+            f"{where}: 'judge' {judge_name!r} is not a registered judge ({', '.join(registries.judges.names())}); "
             "or give 'module:function' for your own"
         )
+    return judge
 
-    attack = declared.get("attack", "unlearndiffatk")
-    if attack not in ATTACKS:
-        raise SpecError(f"{where}: 'attack' is {attack!r}; use one of {', '.join(ATTACKS)}")
-    budget = declared.get("budget")
-    if budget is not None and budget not in PRESETS:
-        raise SpecError(f"{where}: 'budget' is {budget!r}; use one of {', '.join(PRESETS)}")
-    limit = _positive_int(declared, "limit", where)
-    n_tokens = _positive_int(declared, "n_tokens", where)
-    batch = _positive_int(declared, "batch", where)
-    if n_tokens is None and defaults is not None:
-        n_tokens = defaults.n_tokens
-    return GateSpec(
-        name=name, concept=concept, prompts=prompts, max_asr=float(max_asr), judge=judge, attack=attack,
-        budget=budget, limit=limit, n_tokens=n_tokens, render=_render(declared.get("render"), where), batch=batch,
-        where=where,
-    )
+
+def _check_attack(attack: Any, budget: Any, settings: dict[str, Any], defaults: Any, where: str,
+                  registries: Registries) -> dict[str, Any]:
+    """The attack's settings for this gate (declared ones, then the concept's defaults the attack
+    takes), checked by building the attack once; no model is touched."""
+    from .attacks.base import SettingError, accepted_settings, configure_attack
+
+    if not isinstance(attack, str):
+        raise SpecError(f"{where}: 'attack' must be a registered name or 'module:Class', got {attack!r}")
+    try:
+        attack_class = registries.attacks.get(attack)
+        if defaults is not None and "n_tokens" in accepted_settings(attack_class):
+            settings = {"n_tokens": defaults.n_tokens, **settings}
+        configure_attack(attack_class, budget, **settings)
+    except SettingError as error:
+        raise SpecError(f"{where}: '{error.key}' {error.detail}") from None
+    except UnlearnAtkError as error:
+        raise SpecError(f"{where}: 'attack': {error}") from None
+    return settings
 
 
 def _render(value: Any, where: str) -> dict[str, Any]:
     """Render settings of a gate (scheduler, steps, height, width, negative_prompt), checked."""
-    from .errors import UnlearnAtkError
     from .render import RenderSettings
 
     if value is None:

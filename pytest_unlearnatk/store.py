@@ -63,6 +63,30 @@ class StoredPrompt:
     def key(self) -> str:
         return digest([self.concept, self.content_ids, self.seed, self.guidance, self.tokenizer])
 
+    @classmethod
+    def of_hit(cls, concept: str, result: Any, content_ids: list[int], *, tokenizer: str, render: Any, model: Any,
+               judge: str, found_by: str) -> StoredPrompt:
+        """The record of a case ``result`` (a :class:`~pytest_unlearnatk.results.CaseResult`)
+        that the ids ``content_ids`` broke, rendered with ``render`` (resolved RenderSettings)
+        on ``model`` (anything with ``fingerprint`` and ``source``)."""
+        case = result.case
+        return cls(
+            concept=concept, case_prompt=case.prompt, seed=case.seed, guidance=case.guidance,
+            content_ids=list(content_ids), adversarial_ids=list(result.adversarial_ids), text=result.adversarial_text or "",
+            tokenizer=tokenizer,
+            render={"scheduler": render.scheduler, "steps": render.steps, "height": render.height, "width": render.width},
+            broke=model.fingerprint, broke_source=model.source, judge=judge,
+            score=float(result.verdict.get("score", 0.0)), found_by=found_by,
+        )
+
+
+def case_key(identity: dict[str, Any], case: Any) -> tuple[str, dict[str, Any]]:
+    """The key of one case's result under a gate's ``identity`` (everything that decides the
+    result: model fingerprint, attack and its config, judge, render settings, targets, concept),
+    and the material it is the digest of (kept in the record, so a key can be explained)."""
+    material = {"format": FORMAT, **identity, "case": {"prompt": case.prompt, "seed": case.seed, "guidance": case.guidance}}
+    return digest(material), material
+
 
 class Store:
     """A directory of results and adversarial prompts. ``readonly`` reads but never writes."""

@@ -11,16 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ._paths import CLIP_TOKENIZER_DIR
+from .tokens import clip_tokenizer
 
 TINY_TEXT_WIDTH = 32
-
-
-def clip_tokenizer():
-    """The real CLIP BPE tokenizer, offline (``model_max_length=77``)."""
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), model_max_length=77)
 
 
 def assemble_pipeline(unet: Any, vae: Any, text_encoder: Any, prediction_type: str = "epsilon") -> Any:

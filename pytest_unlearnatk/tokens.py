@@ -10,10 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ._paths import CLIP_TOKENIZER_DIR
 from .cases import Case
 from .errors import UnlearnAtkError
 
 LONG_PROMPT_POLICIES = ("truncate", "skip", "error")
+
+
+def clip_tokenizer() -> Any:
+    """The real CLIP BPE tokenizer (49408 tokens), offline: shipped with the package (``model_max_length=77``)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), model_max_length=77)
 
 
 @dataclass(frozen=True)

@@ -94,5 +94,5 @@ def test_bad_judges_are_explained():
         get_judge(lambda images: [True])([None, None])
     with pytest.raises(UnlearnAtkError, match="a verdict must be a bool, or have a 'hit' flag"):
         get_judge(lambda images: ["yes"])([None])
-    with pytest.raises(UnlearnAtkError, match="unknown judge 'nudity'; registered judges: .*nudenet.*, or 'module:function' for your own"):
+    with pytest.raises(UnlearnAtkError, match="unknown judge 'nudity'; registered judges: .*nudenet.*, or 'module:callable' for your own"):
         get_judge("nudity")

@@ -1,32 +1,36 @@
-"""Attacks: turn a case into candidate prompts. A registry by name."""
+"""Attacks: turn a case into candidate prompts.
+
+The built-in ones (``unlearndiffatk``, ``random``, ``no_attack``) are registered through the
+``pytest_unlearnatk.attacks`` entry-point group like any other package's (see
+:mod:`pytest_unlearnatk.registry`); :func:`get_attack` builds one by name.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
-from ..errors import UnlearnAtkError
-from .base import Attack, AttackContext, AttackJob, AttackOutcome, BatchedAttack, Checker
+from .base import (
+    Attack, AttackContext, AttackJob, AttackOutcome, CaseByCase, Checker, SettingError, accepted_settings,
+    configure_attack,
+)
 from .no_attack import NoAttack
-from .random_tokens import RandomTokens
+from .random_tokens import RandomTokens, RandomTokensConfig
 from .unlearndiffatk import PRESETS, UnlearnDiffAtk, UnlearnDiffAtkConfig, get_preset
 
-ATTACKS = ("unlearndiffatk", "no_attack", "random")
 
-
-def get_attack(spec: str | Attack = "unlearndiffatk", budget: str | UnlearnDiffAtkConfig = "reference", **overrides: Any) -> Attack:
-    """An attack by name; ``budget`` is a preset name or a config, ``overrides`` change single settings."""
+def get_attack(spec: str | Attack = "unlearndiffatk", budget: str | Any | None = None, **settings: Any) -> Attack:
+    """An attack by registered name or ``module:Class``, at ``budget`` (a preset name, a config of
+    the attack's own class, or None for its default) with single ``settings`` changed. An attack
+    object is returned as it is."""
     if not isinstance(spec, str):
         return spec
-    if spec == "no_attack":
-        return NoAttack()
-    if spec in ("unlearndiffatk", "random"):
-        config = get_preset(budget, **overrides) if isinstance(budget, str) else replace(budget, **overrides)
-        return UnlearnDiffAtk(config) if spec == "unlearndiffatk" else RandomTokens(config)
-    raise UnlearnAtkError(f"unknown attack {spec!r}; use one of {', '.join(ATTACKS)}")
+    from ..registry import discover
+
+    return configure_attack(discover().attacks.get(spec), budget, **settings)
 
 
 __all__ = [
-    "ATTACKS", "PRESETS", "Attack", "AttackContext", "AttackJob", "AttackOutcome", "BatchedAttack", "Checker", "NoAttack", "RandomTokens",
-    "UnlearnDiffAtk", "UnlearnDiffAtkConfig", "get_attack", "get_preset",
+    "PRESETS", "Attack", "AttackContext", "AttackJob", "AttackOutcome", "CaseByCase", "Checker", "NoAttack",
+    "RandomTokens", "RandomTokensConfig", "SettingError", "UnlearnDiffAtk", "UnlearnDiffAtkConfig", "accepted_settings",
+    "configure_attack", "get_attack", "get_preset",
 ]

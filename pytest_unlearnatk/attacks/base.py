@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 from ..cases import Case
+from ..errors import UnlearnAtkError
 from ..judges import Judge, Verdict, to_verdict
 from ..models import LoadedModel
 from ..render import Renderer
@@ -85,20 +86,86 @@ class AttackJob:
 
 
 class Attack(Protocol):
+    """What the gate asks of every attack: one way, for one case or many.
+
+    An attack class (what the ``pytest_unlearnatk.attacks`` entry point names) also carries, as
+    class attributes: ``name``; ``config_class`` (a frozen dataclass: its fields are the settings
+    the attack accepts); ``presets`` (budget name -> config; empty when the attack has no budget);
+    ``default_preset``; ``requires`` (the heavy modules it imports when run). It is built from a
+    config: ``AttackClass(config)``; :func:`configure_attack` does that from a budget and settings.
+    """
+
     name: str
     n_adversarial: int  # how many token slots the prompt must leave free
-    needs_target: bool
+    needs_target: bool  # does it need target images (a base model or a target directory)?
 
-    def config_dict(self) -> dict[str, Any]: ...
+    def config_dict(self) -> dict[str, Any]:
+        """Everything that decides its results (part of the store key)."""
+        ...
 
-    def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome: ...
+    def run_many(self, jobs: Iterable[AttackJob], batch_size: int | None = None, on_step: StepCallback | None = None,
+                 compile_unet: bool = False) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+        """Attack the jobs' cases (``batch_size`` at once where it can; None: its own choice) and
+        yield each with its outcome as soon as it is done (not necessarily in order)."""
+        ...
 
 
-class BatchedAttack(Attack, Protocol):
-    """An attack that optimizes several cases in one batch (the gate uses ``run_many`` when present)."""
+class CaseByCase:
+    """Base for attacks that work on one case at a time: they write ``run``; ``run_many`` loops."""
 
-    def run_many(self, jobs: Iterable[AttackJob], batch_size: int, on_step: StepCallback | None = None,
-                 compile_unet: bool = False) -> Iterator[tuple[AttackJob, AttackOutcome]]: ...
+    def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
+        raise NotImplementedError
+
+    def run_many(self, jobs: Iterable[AttackJob], batch_size: int | None = None, on_step: StepCallback | None = None,
+                 compile_unet: bool = False) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+        for job in jobs:
+            yield job, self.run(job.case, job.prompt, job.context)
+
+
+def accepted_settings(attack_class: type) -> list[str]:
+    """The settings an attack class accepts: the fields of its config class."""
+    return [f.name for f in fields(attack_class.config_class)]
+
+
+class SettingError(UnlearnAtkError):
+    """An attack setting or budget is wrong: ``key`` names it, ``detail`` says what would be right."""
+
+    def __init__(self, attack: str, key: str, detail: str) -> None:
+        super().__init__(f"attack {attack!r}: {key} {detail}")
+        self.key, self.detail = key, detail
+
+
+def configure_attack(attack_class: type, budget: str | Any | None = None, **settings: Any) -> Any:
+    """An attack built from a budget (a preset name, a config of its class, or None for its
+    default) with single settings changed; a wrong budget or setting raises :class:`SettingError`
+    naming what the attack accepts."""
+    name, presets = attack_class.name, attack_class.presets
+    known = accepted_settings(attack_class)
+    for key in settings:
+        if key not in known:
+            raise SettingError(name, key, f"is not a setting of this attack; its settings: {', '.join(known) or 'none'}")
+    if isinstance(budget, attack_class.config_class):
+        config = budget
+    elif budget is not None and not isinstance(budget, str):
+        raise SettingError(name, "budget", f"is {budget!r}: give a preset name or a {attack_class.config_class.__name__}")
+    elif presets:
+        preset = budget or attack_class.default_preset
+        if preset not in presets:
+            raise SettingError(name, "budget", f"is {preset!r}; use one of {', '.join(presets)}")
+        config = presets[preset]
+    elif budget is not None:
+        raise SettingError(name, "budget", f"is {budget!r}, but this attack has no budget presets; drop it")
+    else:
+        config = attack_class.config_class()
+    return attack_class(replace(config, **settings))
+
+
+def preset_names(attacks: Any) -> list[str]:
+    """Every budget name some registered attack has, in the order they first appear."""
+    names: list[str] = []
+    for attack in attacks.names():
+        names += [preset for preset in attacks.get(attack).presets if preset not in names]
+    return names
 
 
 # called after each optimization step with (case, steps done, most steps) of every case in the batch

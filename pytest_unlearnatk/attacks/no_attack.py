@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..cases import Case
 from ..tokens import FittedPrompt
-from .base import AttackContext, AttackOutcome
+from .base import AttackContext, AttackOutcome, CaseByCase
 
 
-class NoAttack:
+@dataclass(frozen=True)
+class NoAttackConfig:
+    """No settings: the plain prompt is all there is."""
+
+
+class NoAttack(CaseByCase):
     name = "no_attack"
+    config_class = NoAttackConfig
+    presets: dict[str, NoAttackConfig] = {}  # no budget
+    default_preset = None
+    requires = ("torch", "diffusers", "transformers")  # for the plain prompt's render
     n_adversarial = 0
     needs_target = False
+
+    def __init__(self, config: NoAttackConfig | None = None) -> None:
+        self.config = config or NoAttackConfig()
 
     def config_dict(self) -> dict[str, Any]:
         return {}

@@ -8,40 +8,55 @@ attack so a reader can see whether the optimization beats chance at the same num
 from __future__ import annotations
 
 import random
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..cases import Case
+from ..errors import UnlearnAtkError
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
-from .base import AttackContext, AttackOutcome
-from .unlearndiffatk import UnlearnDiffAtkConfig
+from .base import AttackContext, AttackOutcome, CaseByCase
 
 
-class RandomTokens:
+@dataclass(frozen=True)
+class RandomTokensConfig:
+    n_tokens: int = 5  # tokens per try, prepended to the prompt like UnlearnDiffAtk's
+    tries: int = 50  # renders after the plain prompt's: UnlearnDiffAtk's success checks at the same budget
+    seed: int = 0  # mixed with the case's seed
+
+    def __post_init__(self) -> None:
+        for name in ("n_tokens", "tries"):
+            if getattr(self, name) < 1:
+                raise UnlearnAtkError(f"random {name}={getattr(self, name)}; must be at least 1")
+
+
+# one try per UnlearnDiffAtk timestep block at the budget of the same name
+PRESETS = {"reference": RandomTokensConfig(tries=50), "fast": RandomTokensConfig(tries=10),
+           "smoke": RandomTokensConfig(tries=2)}
+
+
+class RandomTokens(CaseByCase):
     name = "random"
+    config_class = RandomTokensConfig
+    presets = PRESETS
+    default_preset = "reference"
+    requires = ("torch", "diffusers", "transformers")
     needs_target = False
 
-    def __init__(self, config: UnlearnDiffAtkConfig) -> None:
-        self.config = config
+    def __init__(self, config: RandomTokensConfig | None = None) -> None:
+        self.config = config or PRESETS["reference"]
 
     @property
     def n_adversarial(self) -> int:
         return self.config.n_tokens
 
-    @property
-    def tries(self) -> int:
-        """The same number of renders as UnlearnDiffAtk's candidate checks at this budget."""
-        return self.config.num_timesteps
-
     def config_dict(self) -> dict[str, Any]:
-        return {"n_tokens": self.config.n_tokens, "tries": self.tries, "seed": self.config.seed,
-                "budget": asdict(self.config)}
+        return {**asdict(self.config), "version": 2}  # 2: its own config (1 carried UnlearnDiffAtk's)
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
         rng = random.Random(self.config.seed * 1_000_003 + case.seed)
         outcome = AttackOutcome()
-        for attempt in range(1, self.tries + 1):
+        for attempt in range(1, self.config.tries + 1):
             tokens = [rng.randrange(context.layout.vocab_size) for _ in range(self.config.n_tokens)]
             verdict, image = context.check(context.layout.sequence(prompt.content_ids, tokens))
             outcome.checks.append(CandidateCheck(attempt, 0, tokens, rendered=True, hit=verdict.hit, score=verdict.score))

@@ -248,6 +248,10 @@ class _Slot:
 
 class UnlearnDiffAtk:
     name = "unlearndiffatk"
+    config_class = UnlearnDiffAtkConfig
+    presets = PRESETS
+    default_preset = "reference"
+    requires = ("torch", "diffusers", "transformers")
     needs_target = True
 
     def __init__(self, config: UnlearnDiffAtkConfig | None = None) -> None:
@@ -268,7 +272,7 @@ class UnlearnDiffAtk:
         [(_, outcome)] = self.run_many([AttackJob(case, prompt, context)], batch_size=1)
         return outcome
 
-    def run_many(self, jobs: Iterable[AttackJob], batch_size: int | str | None = "auto",
+    def run_many(self, jobs: Iterable[AttackJob], batch_size: int | str | None = None,
                  on_step: StepCallback | None = None,
                  compile_unet: bool = False) -> Iterator[tuple[AttackJob, AttackOutcome]]:
         """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
@@ -313,7 +317,13 @@ def resolve_batch_size(batch_size: int | str | None, device: str, case_bytes: in
     ``case_bytes`` each (``case_memory_bytes``), at most 8 on the CPU (half the available RAM)
     and 16 on a GPU (its free memory, with a 4x margin: about 6 GiB per case for SD v1.4 in
     float16); at least 1. Without ``case_bytes`` the automatic size is the maximum."""
-    if batch_size in (None, "auto"):
+    from ..options import parse_batch
+
+    try:
+        batch_size = parse_batch(batch_size)
+    except ValueError as error:
+        raise UnlearnAtkError(f"batch size {batch_size!r}: {error}") from None
+    if batch_size is None:
         if device.startswith("cuda"):
             import torch
 
@@ -324,8 +334,6 @@ def resolve_batch_size(batch_size: int | str | None, device: str, case_bytes: in
 
             most, room, per_case = AUTO_BATCH_MAX["cpu"], psutil.virtual_memory().available / 2, case_bytes or 0
         return max(1, min(most, int(room / per_case))) if per_case else most
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UnlearnAtkError(f"batch size {batch_size!r}: give a whole number of cases >= 1, or 'auto'")
     return batch_size
 
 

@@ -40,6 +40,7 @@ def decide(logits_per_text: Any, margin: float) -> Verdict:
 
 class CLIPJudge:
     name = "clip"
+    requires = ("torch", "transformers")  # imported when it first judges
 
     def __init__(self, text: str, contrasts: Sequence[str] = DEFAULT_CONTRASTS, margin: float = 0.0,
                  model: str = DEFAULT_MODEL, device: str = "cpu") -> None:

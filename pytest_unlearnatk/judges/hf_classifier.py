@@ -57,6 +57,7 @@ def resolve_label(label: str | int, id2label: dict[int, str], model: str) -> int
 
 class HFClassifierJudge:
     name = "hf_classifier"
+    requires = ("torch", "transformers")  # imported when it first judges
 
     def __init__(self, model: str, label: str | int, top_k: int = 1, device: str = "cpu") -> None:
         self.model_name, self.top_k, self.device = str(model), int(top_k), device

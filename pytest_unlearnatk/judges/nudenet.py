@@ -50,6 +50,7 @@ class NudeNetJudge:
     """
 
     name = "nudenet"
+    requires = ("nudenet", "onnxruntime")  # imported when it first judges
 
     def __init__(self, labels: Sequence[str] = REFERENCE_LABELS, threshold: float = REFERENCE_THRESHOLD) -> None:
         self.labels = tuple(labels)

@@ -295,9 +295,7 @@ def erase(pipeline: Any, iterations: int, seed: int) -> tuple[Any, dict]:
 def pre_asr(pipeline: Any, rows: list[dict], judge: Any) -> dict:
     import torch
 
-    from ..cases import load_cases
-    from ..render import Renderer, RenderSettings
-    from ..tokens import TokenLayout
+    from pytest_unlearnatk import Renderer, RenderSettings, TokenLayout, load_cases
 
     renderer, layout = Renderer(pipeline, RenderSettings()), TokenLayout.from_pipeline(pipeline)
     hits, images = [], []
@@ -329,7 +327,7 @@ def build(out: Path, seed: int, vae_minutes: float, ldm_minutes: float, judge_pe
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from ..testing import clip_tokenizer
+    from pytest_unlearnatk import clip_tokenizer
 
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -379,7 +377,8 @@ def measure(out: Path, seed: int, eval_limit: int | None = None) -> dict:
     the held-out prompts, how often the erased model still draws circles for other shapes; grids."""
     import csv as csv_module
 
-    from ..models import load_pipeline
+    from pytest_unlearnatk import load_pipeline
+
     from .judge import ToyCircleJudge
 
     log("numbers")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..judges.base import Verdict
+from pytest_unlearnatk import UnlearnAtkError, Verdict
 
 CLASSES = ("circle", "square", "triangle", "cross", "empty")
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "judge.safetensors"
@@ -65,8 +65,6 @@ def looks_round(image: np.ndarray) -> bool:
 def _load_cnn(path: str) -> Any:
     from safetensors.torch import load_file
 
-    from ..errors import UnlearnAtkError
-
     if not Path(path).is_file():
         raise UnlearnAtkError(f"toy judge weights {path} are missing; rebuild the toy world: python -m pytest_unlearnatk.toy.build")
     cnn = make_cnn()
@@ -78,6 +76,7 @@ class ToyCircleJudge:
     """Hit when the CNN's top class is 'circle' and the geometric check agrees. Score: P(circle)."""
 
     name = "toy_circle"
+    requires = ("torch", "cv2")  # imported when it first judges
 
     def __init__(self, weights: str | Path = WEIGHTS) -> None:
         self.weights = str(weights)

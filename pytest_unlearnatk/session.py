@@ -1,0 +1,118 @@
+"""A run of declared gates with one set of options: the models (loaded once), the store, the reports.
+
+The pytest plugin keeps one :class:`GateSession` per process (in ``config.stash``) and hands it
+every gate; nothing here knows pytest, so a script can run declared gates the same way::
+
+    session = GateSession(RunOptions.from_raw({"model": "toy:erased"}, root=Path(".")))
+    result, record = session.run(parse_gate({...}, where="script", base_dir=Path("."), name="circle"))
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UnlearnAtkError
+from .options import RunOptions
+from .registry import Registries, discover
+from .report import GateRecord, write_gate_report
+from .results import GateResult
+from .spec import GateSpec
+
+
+class GateSession:
+    """Per-run state: options, plug-in registries, loaded models, the torch thread setting."""
+
+    def __init__(self, options: RunOptions, registries: Registries | None = None, worker_index: int | None = None,
+                 cpu_threads: int = 0) -> None:
+        self.options = options
+        self.registries = registries or discover()
+        self.worker_index = worker_index  # the xdist worker's number (gw3 -> 3); None outside xdist
+        self.cpu_threads = cpu_threads  # torch threads to use (0: leave torch's default)
+        self.models: dict[tuple, Any] = {}
+        self.threads_set = False
+
+    def model(self, which: str) -> Any:
+        """The unlearned (``which="model"``) or base model as a LazyModel (loaded on first real use);
+        the base is ``options.base``, else the base the model names itself, else None."""
+        from .models import LazyModel
+
+        if which == "base":
+            source = self.options.base
+            if source is None:
+                source = self.model("model").base if self.options.model is not None else None
+            if source is None:
+                return None
+        else:
+            source = self.options.model
+            if source is None:
+                raise UnlearnAtkError(
+                    "this gate needs a model under test: pass --unlearn-model=PATH (a pipeline directory, hub id, "
+                    "or weights file with --unlearn-base), or set unlearn_model in your pytest ini file"
+                )
+        base = self.options.base if which == "model" else None
+        key = (source, base)
+        if key not in self.models:
+            self.models[key] = LazyModel(source, base=base, device=self.device(), dtype=self.options.dtype)
+        return self.models[key]
+
+    def device(self) -> str:
+        """The run's device; on an xdist worker, ``auto``/``cuda`` become this worker's own GPU."""
+        requested = self.options.device
+        if self.worker_index is None or requested not in ("auto", "cuda"):
+            return requested
+        import torch
+
+        from .models import worker_device
+
+        return worker_device(requested, self.worker_index, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+    def store(self) -> Any:
+        from .store import Store
+
+        if self.options.no_store:
+            return None
+        return Store(self.options.store, readonly=self.options.store_readonly)
+
+    def settings(self, spec: GateSpec) -> tuple[Any, str]:
+        """The gate's settings (its declaration, with the run's options where they take
+        precedence) and the name of the budget it runs at ('-' for an attack without budgets)."""
+        from .attacks import configure_attack
+        from .gate import GateSettings
+        from .render import RenderSettings
+
+        options = self.options
+        attack_class = self.registries.attacks.get(spec.attack)
+        budget = options.budget_for(spec.budget, attack_class.presets)
+        settings = GateSettings.build(
+            judge=spec.judge, attack=configure_attack(attack_class, budget, **spec.attack_settings),
+            render=RenderSettings(**spec.render), concept=spec.concept, replay_only=options.replay_only,
+            shard=options.shard, batch_size=options.batch_for(spec.batch), compile_unet=options.compile,
+        )
+        return settings, (budget or attack_class.default_preset) if attack_class.presets else "-"
+
+    def run(self, spec: GateSpec, progress: Any = None) -> tuple[GateResult, GateRecord]:
+        """Run a declared gate, judge it against its ``max_asr``, write its report file if asked."""
+        from .cases import load_cases
+        from .gate import execute
+        from .images import safe_name
+
+        if self.cpu_threads and not self.threads_set:
+            import torch
+
+            torch.set_num_threads(self.cpu_threads)
+            self.threads_set = True
+        start = time.perf_counter()
+        settings, budget = self.settings(spec)
+        report = self.options.report
+        result = execute(
+            self.model("model"), load_cases(spec.prompts, limit=spec.limit), settings, base=self.model("base"),
+            store=self.store(), image_dir=Path(report) / "images" / safe_name(spec.name) if report else None,
+            progress=progress,
+        )
+        record = GateRecord.from_result(spec.name, spec.concept or spec.judge_label(), budget, spec.max_asr, result,
+                                        time.perf_counter() - start)
+        if report:
+            write_gate_report(report, record, result)
+        return result, record

@@ -1,0 +1,94 @@
+"""What the plugin writes on the terminal: the live progress line of a running gate and the
+summary of every gate at the end of the run (also those xdist workers ran).
+
+Part of the pytest adapter: it uses pytest's terminal reporter and capture manager, and hands
+the numbers to :mod:`pytest_unlearnatk.report`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .report import GateRecord, summary_table, write_run_report
+
+
+def progress_for(config: pytest.Config, gate: str, path: Path) -> TerminalProgress | bool:
+    """Live progress on a terminal; none under -q, on a pipe or file, or on xdist workers."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if hasattr(config, "workerinput") or config.get_verbosity() < 0 or reporter is None or not reporter.isatty():
+        return False
+    return TerminalProgress(config, reporter, gate, path)
+
+
+class TerminalProgress:
+    """One self-rewriting line per gate: cases done, hits, the current case's step, time left.
+
+    Written with pytest's capture suspended (like live logging), on a line of its own; pytest's
+    outcome for the test follows on the next line. Redrawn at most twice a second.
+    """
+
+    def __init__(self, config: pytest.Config, reporter: Any, gate: str, path: Path) -> None:
+        self.capture = config.pluginmanager.get_plugin("capturemanager")
+        self.verbose = config.get_verbosity() > 0
+        self.path = path
+        self.reporter, self.writer = reporter, config.get_terminal_writer()
+        self.gate = gate.rsplit("::", 1)[-1]  # a marker's gate is named by its test id
+        self.last_draw = 0.0
+        self.started = False
+
+    def __call__(self, progress: Any) -> None:
+        now = time.monotonic()
+        finished = progress.done == progress.total
+        if not finished and now - self.last_draw < 0.5:
+            return
+        self.last_draw = now
+        with self.capture.global_and_fixture_disabled() if self.capture else contextlib.nullcontext():
+            if not self.started:
+                self.reporter.ensure_newline()  # pytest writes the test's prefix again before its outcome
+                if self.writer.width_of_current_line:  # another gate's line of this test
+                    self.reporter.write("\n")
+                self.started = True
+            width = self.writer.fullwidth - 1
+            self.reporter.rewrite(f"  {self.gate}: {progress.line()}"[:width], erase=True)
+            if finished and not self.verbose:
+                # pytest only appends the outcome letter: give it back its file prefix on a new line
+                self.writer.line()
+                self.writer.write(os.path.relpath(self.path, self.reporter.startpath) + " ")
+                self.reporter.currentfspath = self.path
+            self.writer.flush()
+
+
+class GateReporter:
+    """Collects gate records from test reports (also those that xdist workers send) and reports them."""
+
+    def __init__(self, config: pytest.Config, options: Any) -> None:
+        self.config, self.options = config, options
+        self.by_test: dict[tuple[str, str], GateRecord] = {}  # (test id, gate name) -> record
+
+    @property
+    def records(self) -> list[GateRecord]:
+        return list(self.by_test.values())
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for record in GateRecord.all_from_properties(report.user_properties):
+            self.by_test[(report.nodeid, record.gate)] = record
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.records:
+            terminalreporter.section("unlearn gates")
+            for line in summary_table(self.records):
+                terminalreporter.write_line(line)
+            report = self.options.report
+            if report and not hasattr(self.config, "workerinput"):
+                terminalreporter.write_line(f"report: {Path(report) / 'index.html'}")
+
+    def pytest_sessionfinish(self) -> None:
+        if hasattr(self.config, "workerinput") or not self.options.report or not self.records:
+            return
+        write_run_report(self.options.report, self.options.to_dict(), self.records, self.options.show_unsafe)

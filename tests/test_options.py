@@ -1,0 +1,70 @@
+"""The run's options: checked once into a frozen object; precedence over a gate's own declaration."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pytest_unlearnatk.options import OptionError, RunOptions, parse_batch, parse_dtype, parse_shard
+
+pytest_plugins = ["pytester"]
+
+
+def test_raw_text_becomes_typed_checked_values(tmp_path):
+    options = RunOptions.from_raw({"model": "toy:erased", "batch": "4", "shard": "2/3", "dtype": "BF16",
+                                   "replay_only": True, "store": "my-store"}, root=tmp_path)
+    assert (options.batch, options.shard, options.dtype, options.device) == (4, (2, 3), "bfloat16", "auto")
+    assert options.replay_only and not options.no_store and options.budget is None
+    assert options.store == str((Path.cwd() / "my-store").resolve())  # relative to where pytest runs
+    assert RunOptions.from_raw({}, root=tmp_path).store == str(tmp_path.resolve() / ".unlearnatk")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.batch = 2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("raw", "names", "message"), [
+    ({"batch": "0"}, ("batch",), "give a whole number of cases >= 1"),
+    ({"shard": "3/2"}, ("shard",), "give I/N with 1 <= I <= N"),
+    ({"device": "gpu"}, ("device",), "use auto, cpu, cuda or cuda:N"),
+    ({"budget": "huge"}, ("budget",), "use one of reference, fast, smoke"),
+    ({"no_store": True, "store_readonly": True}, ("no_store", "store_readonly"), "contradict each other"),
+    ({"no_store": True, "shard": "1/2"}, ("shard", "no_store"), "shards meet in the store"),
+])
+def test_a_wrong_value_names_its_option_and_the_fix(tmp_path, raw, names, message):
+    with pytest.raises(OptionError, match=message) as caught:
+        RunOptions.from_raw(raw, root=tmp_path)
+    assert caught.value.names == names
+
+
+def test_parsers_take_typed_values_from_python_too():
+    assert parse_batch(None) is None and parse_batch("auto") is None and parse_batch(3) == 3
+    assert parse_shard((1, 4)) == (1, 4) and parse_shard(None) is None
+    assert parse_dtype("fp16") == "float16" and parse_dtype(None) == "auto"
+    for bad in (True, 2.5, -1):
+        with pytest.raises(ValueError):
+            parse_batch(bad)
+    with pytest.raises(ValueError):
+        parse_shard((0, 2))
+
+
+def test_the_runs_budget_and_batch_beat_the_gates_and_skip_attacks_without_budgets(tmp_path):
+    run = RunOptions.from_raw({"budget": "smoke", "batch": "2"}, root=tmp_path)
+    presets = {"reference": 0, "fast": 0, "smoke": 0}
+    assert run.budget_for("fast", presets) == "smoke" and run.batch_for(8) == 2
+    assert run.budget_for(None, {}) is None  # no_attack: no budget to override
+    plain = RunOptions.from_raw({}, root=tmp_path)
+    assert plain.budget_for("fast", presets) == "fast" and plain.budget_for(None, presets) is None
+    assert plain.batch_for(8) == 8 and plain.batch_for(None) is None
+
+
+def test_every_field_is_an_option_and_an_ini_key(pytester):
+    """Adding a field to RunOptions is all it takes to add --unlearn-<field> and unlearn_<field>."""
+    result = pytester.runpytest("--help")
+    for field in dataclasses.fields(RunOptions):
+        flag = "--unlearn-" + field.name.replace("_", "-")
+        result.stdout.fnmatch_lines([f"*{flag}*"])
+        result.stdout.fnmatch_lines([f"*unlearn_{field.name} *"])
+    pytester.makeini("[pytest]\nunlearn_shard = 5/2\n")
+    bad = pytester.runpytest()
+    bad.stderr.fnmatch_lines(["*--unlearn-shard='5/2': give I/N with 1 <= I <= N*"])
