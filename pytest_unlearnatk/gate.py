@@ -27,7 +27,7 @@ from typing import Any
 
 from .attacks import Attack, AttackContext, AttackJob, AttackOutcome, Checker, get_attack
 from .cases import Case, load_cases
-from .errors import UnlearnAtkError
+from .errors import MissingSetting, UnlearnAtkError
 from .images import ImageFiles
 from .judges import Judge, get_judge
 from .models import LazyModel, LoadedModel
@@ -68,10 +68,13 @@ class GateSettings:
         """Check every value once; a wrong one raises :class:`UnlearnAtkError` naming it."""
         if long_prompts not in LONG_PROMPT_POLICIES:
             raise UnlearnAtkError(f"long_prompts={long_prompts!r}; use one of {', '.join(LONG_PROMPT_POLICIES)}")
-        try:
-            shard, batch_size = parse_shard(shard), parse_batch(batch_size)
-        except ValueError as error:
-            raise UnlearnAtkError(f"shard={shard!r} / batch_size={batch_size!r}: {error}") from None
+        checked = {}
+        for keyword, value, parse in (("shard", shard, parse_shard), ("batch_size", batch_size, parse_batch)):
+            try:
+                checked[keyword] = parse(value)
+            except ValueError as error:
+                raise UnlearnAtkError(f"{keyword}={value!r}: {error}") from None
+        shard, batch_size = checked["shard"], checked["batch_size"]
         judge = get_judge(judge)
         return cls(
             attack=get_attack(attack, budget, **(attack_settings or {})), judge=judge, render=render or RenderSettings(),
@@ -214,10 +217,8 @@ class _GateRun:
         self.model, self.settings, self.base, self.store, self.images = model, settings, base, store, images
         self.attack, self.judge = settings.attack, settings.judge
         if not settings.replay_only and self.attack.needs_target and settings.target_dir is None and base is None:
-            raise UnlearnAtkError(
-                f"attack {self.attack.name} needs target images: pass base= (the original model; pytest: --unlearn-base) "
-                "or target_dir= (images named by case number)"
-            )
+            raise MissingSetting("base", f"attack {self.attack.name} needs target images", "BASE (the original model)",
+                                 alternative="or target_dir=, a directory of images named by case number")
 
     # --- identity: what decides a case's result -------------------------------------------
 

@@ -82,8 +82,7 @@ def parse_budget(value: Any) -> str | None:
     """A preset name that at least one registered attack has (``smoke``, ``fast``, ``reference``)."""
     if value is None:
         return None
-    from .attacks.base import preset_names
-    from .registry import discover
+    from .registry import discover, preset_names
 
     known = preset_names(discover().attacks)
     if value not in known:

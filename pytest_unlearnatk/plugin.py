@@ -19,7 +19,7 @@ from .errors import UnlearnAtkError
 from .options import OptionError, RunOptions
 from .report import failure_message
 from .spec import SpecError
-from .suite import MARKER, SESSION, SUITE_FILE, SuiteFile, declare, pending_reason, run_for_test
+from .suite import MARKER, SESSION, SUITE_FILE, SuiteFile, declare, in_pytest_terms, pending_reason, run_for_test
 
 OUTCOME = pytest.StashKey[tuple[Any, Any]]()
 LIST_FLAG = "--unlearn-list"
@@ -99,7 +99,8 @@ def _fail_for_user(error: Exception) -> None:
 def unlearned_pipeline(pytestconfig: pytest.Config) -> Any:
     """The model under test (``--unlearn-model``) as a ``LoadedModel``; loaded once per process."""
     try:
-        return pytestconfig.stash[SESSION].model("model").load()
+        with in_pytest_terms():
+            return pytestconfig.stash[SESSION].model("model").load()
     except UnlearnAtkError as error:
         _fail_for_user(error)
 
@@ -108,8 +109,9 @@ def unlearned_pipeline(pytestconfig: pytest.Config) -> Any:
 def base_pipeline(pytestconfig: pytest.Config) -> Any:
     """The original model (``--unlearn-base``) as a ``LoadedModel``, or None when not given."""
     try:
-        base = pytestconfig.stash[SESSION].model("base")
-        return base.load() if base is not None else None
+        with in_pytest_terms():
+            base = pytestconfig.stash[SESSION].model("base")
+            return base.load() if base is not None else None
     except UnlearnAtkError as error:
         _fail_for_user(error)
 

@@ -166,6 +166,14 @@ def discover() -> Registries:
     return Registries(*(read(kind) for kind in GROUPS))
 
 
+def preset_names(attacks: Registry) -> list[str]:
+    """Every budget name some registered attack has, in the order they first appear."""
+    names: list[str] = []
+    for attack in attacks.names():
+        names += [preset for preset in attacks.get(attack).presets if preset not in names]
+    return names
+
+
 def split_scheme(name: str, registry: Registry) -> NameScheme | None:
     """The registered scheme that handles ``name`` (``toy:base`` -> the ``toy`` entry), or None."""
     scheme, colon, rest = name.partition(":")

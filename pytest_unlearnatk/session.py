@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UnlearnAtkError
+from .errors import MissingSetting
 from .options import RunOptions
 from .registry import Registries, discover
 from .report import GateRecord, write_gate_report
@@ -47,10 +47,8 @@ class GateSession:
         else:
             source = self.options.model
             if source is None:
-                raise UnlearnAtkError(
-                    "this gate needs a model under test: pass --unlearn-model=PATH (a pipeline directory, hub id, "
-                    "or weights file with --unlearn-base), or set unlearn_model in your pytest ini file"
-                )
+                raise MissingSetting("model", "this gate needs a model under test",
+                                     "PATH (a pipeline directory, hub id, registered name, or weights file with a base)")
         base = self.options.base if which == "model" else None
         key = (source, base)
         if key not in self.models:

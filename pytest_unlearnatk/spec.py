@@ -18,6 +18,7 @@ from typing import Any
 
 from .concepts import concept_defaults
 from .errors import UnlearnAtkError
+from .options import parse_batch
 from .registry import Registries, discover, is_reference
 
 GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", "render", "batch")
@@ -88,7 +89,7 @@ def parse_gate(
     attack = declared.get("attack", DEFAULT_ATTACK)
     budget = declared.get("budget")
     limit = _positive_int(declared, "limit", where)
-    batch = _positive_int(declared, "batch", where)
+    batch = _parsed(declared, "batch", parse_batch, where)
     settings = {"n_tokens": n} if (n := _positive_int(declared, "n_tokens", where)) is not None else {}
     attack_settings = _check_attack(attack, budget, settings, defaults, where, registries)
     return GateSpec(
@@ -173,6 +174,14 @@ def _render(value: Any, where: str) -> dict[str, Any]:
     except (UnlearnAtkError, TypeError) as error:
         raise SpecError(f"{where}: 'render': {error}") from None
     return dict(value)
+
+
+def _parsed(declared: Mapping[str, Any], key: str, parse: Callable[[Any], Any], where: str) -> Any:
+    """A key checked by the parser the run's option of the same meaning uses."""
+    try:
+        return parse(declared.get(key))
+    except ValueError as error:
+        raise SpecError(f"{where}: '{key}' is {declared.get(key)!r}: {error}") from None
 
 
 def _positive_int(declared: Mapping[str, Any], key: str, where: str) -> int | None:

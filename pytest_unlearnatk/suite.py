@@ -5,6 +5,7 @@ declared gate for a test, turning its verdict into a test outcome).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .errors import UnlearnAtkError
+from .errors import MissingSetting, UnlearnAtkError
 from .report import GateRecord, failure_message
 from .session import GateSession
 from .spec import GateSpec, SpecError, parse_gate
@@ -32,7 +33,18 @@ def declare(config: pytest.Config, declared: dict[str, Any], *, where: str, base
 
 def run_for_test(config: pytest.Config, spec: GateSpec, path: Path) -> tuple[Any, GateRecord]:
     """Run a declared gate with live progress on the terminal (raises UnlearnAtkError)."""
-    return config.stash[SESSION].run(spec, progress=progress_for(config, spec.name, path))
+    with in_pytest_terms():
+        return config.stash[SESSION].run(spec, progress=progress_for(config, spec.name, path))
+
+
+@contextlib.contextmanager
+def in_pytest_terms() -> Iterator[None]:
+    """A missing setting is asked for as the option (and ini key) that gives it."""
+    try:
+        yield
+    except MissingSetting as error:
+        raise UnlearnAtkError(f"{error.need}: pass --unlearn-{error.name.replace('_', '-')}={error.what}, "
+                              f"or set unlearn_{error.name} in your pytest ini file") from None
 
 
 def pending_reason(record: GateRecord) -> str:

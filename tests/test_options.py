@@ -68,3 +68,21 @@ def test_every_field_is_an_option_and_an_ini_key(pytester):
     pytester.makeini("[pytest]\nunlearn_shard = 5/2\n")
     bad = pytester.runpytest()
     bad.stderr.fnmatch_lines(["*--unlearn-shard='5/2': give I/N with 1 <= I <= N*"])
+
+
+@pytest.mark.parametrize(("keywords", "message"), [
+    ({"shard": (3, 2)}, r"shard=\(3, 2\): give I/N with 1 <= I <= N"),
+    ({"batch_size": 0}, "batch_size=0: give a whole number of cases >= 1"),
+    ({"long_prompts": "drop"}, "long_prompts='drop'; use one of truncate, skip, error"),
+    ({"attack": "no_attack", "n_tokens": 3}, "n_tokens is not a setting of this attack"),
+    ({"budget": "huge"}, "budget is 'huge'; use one of reference, fast, smoke"),
+])
+def test_run_gate_checks_its_keywords_before_any_model_work(keywords, message):
+    from pytest_unlearnatk import UnlearnAtkError, run_gate
+
+    class Untouchable:  # any model access would fail the test
+        def __getattr__(self, name):
+            raise AssertionError(f"the model was used ({name}) before the keywords were checked")
+
+    with pytest.raises(UnlearnAtkError, match=message):
+        run_gate(Untouchable(), ["a prompt"], lambda images: [False] * len(images), **keywords)

@@ -111,7 +111,7 @@ def test_yaml_suite_is_collected_and_run(pytester, gate_args):
         ("{concept: nudity, prompts: p.csv, max_asr: high}", "gates[0]: 'max_asr' must be a number between 0 and 1"),
         ("{concept: nudity, prompts: missing.csv, max_asr: 0.2}", "gates[0]: 'prompts' file */missing.csv does not exist (relative paths start at *"),
         ("{concept: nudity, prompts: p.csv, max_asr: 0.2, limit: many}", "gates[0]: 'limit' must be a positive whole number, got 'many'"),
-        ("{concept: nudity, prompts: p.csv, max_asr: 0.2, batch: 0}", "gates[0]: 'batch' must be a positive whole number, got 0"),
+        ("{concept: nudity, prompts: p.csv, max_asr: 0.2, batch: 0}", "gates[0]: 'batch' is 0: give a whole number of cases >= 1 (e.g. 8), or auto"),
         ("{concept: nudity, prompts: p.csv, max_asr: 0.2, budget: huge}", "gates[0]: 'budget' is 'huge'; use one of reference, fast, smoke"),
         ("{concept: van gogh, prompts: p.csv, max_asr: 0.2}", "gates[0]: no judge: concept 'van gogh' has no default judge*"),
         ("{concept: nudity, prompts: p.csv, max_asr: 0.2, judge: nudnet}", "gates[0]: 'judge' 'nudnet' is not a registered judge*"),

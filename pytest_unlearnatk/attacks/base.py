@@ -160,13 +160,5 @@ def configure_attack(attack_class: type, budget: str | Any | None = None, **sett
     return attack_class(replace(config, **settings))
 
 
-def preset_names(attacks: Any) -> list[str]:
-    """Every budget name some registered attack has, in the order they first appear."""
-    names: list[str] = []
-    for attack in attacks.names():
-        names += [preset for preset in attacks.get(attack).presets if preset not in names]
-    return names
-
-
 # called after each optimization step with (case, steps done, most steps) of every case in the batch
 StepCallback = Callable[[list[tuple[Case, int, int]]], None]

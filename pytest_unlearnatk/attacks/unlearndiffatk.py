@@ -314,8 +314,8 @@ def case_memory_bytes(unet_config: Any, dtype_bytes: int = 4) -> int:
 
 def resolve_batch_size(batch_size: int | str | None, device: str, case_bytes: int | None = None) -> int:
     """``batch_size`` as a number. ``None``/``"auto"``: as many cases as free memory holds at
-    ``case_bytes`` each (``case_memory_bytes``), at most 8 on the CPU (half the available RAM)
-    and 16 on a GPU (its free memory, with a 4x margin: about 6 GiB per case for SD v1.4 in
+    ``case_bytes`` each (``case_memory_bytes``), at most ``AUTO_BATCH_MAX`` (the CPU: half the
+    available RAM; a GPU: its free memory, with a 4x margin: about 6 GiB per case for SD v1.4 in
     float16); at least 1. Without ``case_bytes`` the automatic size is the maximum."""
     from ..options import parse_batch
 
