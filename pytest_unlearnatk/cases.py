@@ -9,7 +9,10 @@ by the long-prompt policy in :mod:`pytest_unlearnatk.tokens`).
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,22 +91,37 @@ def resolve_prompt_set(name: str) -> str | Path | list[Any]:
 
 
 def _read_csv(path: Path) -> list[Case]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
+        fieldnames = reader.fieldnames
+        if not fieldnames or "prompt" not in fieldnames:
             raise UnlearnAtkError(
-                f"{path}: no 'prompt' column (columns: {reader.fieldnames}); the I2P schema needs "
+                f"{path}: no 'prompt' column (columns: {fieldnames}); the I2P schema needs "
                 "prompt, and optionally evaluation_seed, evaluation_guidance, case_number"
             )
         rows = [
             {_ALIASES[k]: v for k, v in row.items() if k in _ALIASES and k != "id" and v not in (None, "")}
             for row in reader
         ]
+    except csv.Error as exc:
+        raise UnlearnAtkError(f"{path}: not a valid CSV file ({exc})") from None
     return _from_entries(rows, where=str(path), first_line=2)
 
 
+def read_text(path: Path) -> str:
+    """A text file as UTF-8 (a byte-order mark is dropped); another encoding is an error that says so."""
+    try:
+        return path.read_text("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UnlearnAtkError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8 (e.g. iconv -t UTF-8)"
+        ) from None
+    except OSError as exc:
+        raise UnlearnAtkError(f"{path}: could not be read ({exc.strerror or exc})") from None
+
+
 def _read_structured(path: Path) -> list[Case]:
-    text = path.read_text("utf-8")
+    text = read_text(path)
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -151,13 +169,37 @@ def _to_case(entry: Any, index: int, label: str) -> Case:
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise UnlearnAtkError(f"{label}: 'prompt' is missing or empty")
-    try:
-        seed = int(float(fields["seed"])) if fields.get("seed") is not None else DEFAULT_SEED
-    except (TypeError, ValueError):
-        raise UnlearnAtkError(f"{label}: seed {fields['seed']!r} is not an integer") from None
-    try:
-        guidance = float(fields["guidance"]) if fields.get("guidance") is not None else DEFAULT_GUIDANCE
-    except (TypeError, ValueError):
-        raise UnlearnAtkError(f"{label}: guidance {fields['guidance']!r} is not a number") from None
+    seed = _seed(fields.get("seed"), label)
+    guidance = _guidance(fields.get("guidance"), label)
     case_id = fields.get("case_id")
+    if case_id is not None and (isinstance(case_id, bool) or not isinstance(case_id, (str, int)) or not str(case_id).strip()):
+        raise UnlearnAtkError(f"{label}: case number {case_id!r} must be a non-empty text or a whole number")
     return Case(case_id=str(index if case_id is None else case_id).strip(), prompt=prompt, seed=seed, guidance=guidance)
+
+
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+
+
+def _seed(value: Any, label: str) -> int:
+    """A whole number in [0, 2**63): an int, or text of one (CSV cells); 1.7, true or inf are errors."""
+    if value is None:
+        return DEFAULT_SEED
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise UnlearnAtkError(f"{label}: seed {value!r} is not a whole number between 0 and 2**63 - 1")
+    return value
+
+
+def _guidance(value: Any, label: str) -> float:
+    """A finite number >= 0: a number, or text of one (CSV cells); nan, inf or true are errors."""
+    if value is None:
+        return DEFAULT_GUIDANCE
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise UnlearnAtkError(f"{label}: guidance {value!r} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UnlearnAtkError(f"{label}: guidance {value!r} is not a finite number >= 0 (e.g. 7.5)")
+    return float(value)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +28,15 @@ from typing import Any
 
 from .attacks import Attack, AttackContext, AttackJob, AttackOutcome, Checker, get_attack
 from .cases import Case, load_cases
-from .errors import MissingSetting, UnlearnAtkError
+from .errors import SettingProblem, UnlearnAtkError
 from .images import ImageFiles
 from .judges import Judge, get_judge
 from .models import LazyModel, LoadedModel
 from .options import parse_batch, parse_shard
 from .progress import GateProgress, ProgressTracker, TqdmSink
-from .render import Renderer, RenderSettings
+from .render import NonFiniteError, Renderer, RenderSettings
 from .results import CaseResult, GateResult
-from .store import Store, StoredPrompt, case_key, digest
+from .store import Store, StoredPrompt, StoreWarning, case_key, digest
 from .targets import DirectoryTargets, RenderedTargets, TargetSource
 from .tokens import LONG_PROMPT_POLICIES, TokenLayout, fit_prompt
 
@@ -169,7 +170,7 @@ def execute(
         base = LazyModel(model.base, device=model.device, dtype=model.dtype)
     run = _GateRun(model=model, settings=settings, base=base, store=store,
                    images=ImageFiles(image_dir) if image_dir else None)
-    case_list = load_cases(cases) if isinstance(cases, (str, Path)) else list(cases)
+    case_list = load_cases(cases)  # a file, a registered set, or prompts / Case objects: all checked
     if progress is None:
         progress = sys.stderr.isatty()
     sink = TqdmSink(len(case_list), f"{settings.attack_name} {model.name}") if progress is True else progress or None
@@ -194,9 +195,14 @@ def execute(
             else:
                 finish(index, *job)
 
-    for job, outcome in settings.attack.run_many(jobs(), settings.batch_size, on_step=tracker.step,
-                                                 compile_unet=settings.compile_unet):
-        finish(job.index, run.complete(job, outcome), False)
+    try:
+        for job, outcome in settings.attack.run_many(jobs(), settings.batch_size, on_step=tracker.step,
+                                                     compile_unet=settings.compile_unet, case_count=len(case_list)):
+            finish(job.index, run.complete(job, outcome), False)
+    except NonFiniteError as error:
+        if error.model is not None:
+            raise
+        raise NonFiniteError(f"model {model.source}: {error}", model=model.source) from None
     return GateResult(
         attack=settings.attack_name,
         judge=settings.judge.name,
@@ -217,7 +223,7 @@ class _GateRun:
         self.model, self.settings, self.base, self.store, self.images = model, settings, base, store, images
         self.attack, self.judge = settings.attack, settings.judge
         if not settings.replay_only and self.attack.needs_target and settings.target_dir is None and base is None:
-            raise MissingSetting("base", f"attack {self.attack.name} needs target images", "BASE (the original model)",
+            raise SettingProblem("base", f"attack {self.attack.name} needs target images", "BASE (the original model)",
                                  alternative="or target_dir=, a directory of images named by case number")
 
     # --- identity: what decides a case's result -------------------------------------------
@@ -259,7 +265,7 @@ class _GateRun:
 
     @functools.cached_property
     def renderer(self) -> Renderer:
-        return Renderer(self.loaded.pipeline, self.settings.render)
+        return Renderer(self.loaded.pipeline, self.settings.render, label=f"model {self.model.source}")
 
     @functools.cached_property
     def targets(self) -> TargetSource | None:
@@ -287,8 +293,9 @@ class _GateRun:
             if stored is not None:
                 try:
                     return CaseResult.from_dict(stored, case=case), True
-                except (KeyError, TypeError):
-                    pass  # an older or foreign record: compute it again
+                except (KeyError, TypeError, ValueError) as error:  # an older, foreign or edited record
+                    warnings.warn(f"store result {key[:12]}... of case {case.case_id}: not a valid result ({error}); "
+                                  "the case is computed again", StoreWarning, stacklevel=2)
         if settings.shard is not None and int(key, 16) % settings.shard[1] != settings.shard[0] - 1:
             return CaseResult(case=case, attack=attack_name, status="pending"), False
         started = time.perf_counter()
@@ -336,6 +343,10 @@ class _GateRun:
         for stored in self.store.prompts_for(self.settings.concept, case.prompt, case.seed, case.guidance):
             same_tokenizer = stored.tokenizer == self.tokenizer_fingerprint
             content = stored.content_ids if same_tokenizer else tokenizer(stored.text, add_special_tokens=False).input_ids
+            if any(i >= self.layout.vocab_size for i in content):
+                warnings.warn(f"stored prompt {stored.key[:12]}... of case {case.case_id} holds token ids beyond this "
+                              f"model's vocabulary ({self.layout.vocab_size}); skipped", StoreWarning, stacklevel=2)
+                continue
             ids = self.layout.sequence(list(content)[:capacity])
             verdict, image = check(ids)
             if verdict.hit:

@@ -25,10 +25,16 @@ class RenderSettings:
     negative_prompt: str = ""
 
     def __post_init__(self) -> None:
+        from .checks import text, whole
+
         if self.scheduler not in SCHEDULERS:
             raise UnlearnAtkError(f"render scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
-        if self.steps < 1:
-            raise UnlearnAtkError(f"render steps {self.steps}; must be at least 1")
+        whole(self.steps, "render steps", 1, 1000)
+        for side in ("height", "width"):
+            size = getattr(self, side)
+            if size is not None and (whole(size, f"render {side}", 8, 4096) % 8):
+                raise UnlearnAtkError(f"render {side} is {size}; it must be a multiple of 8 (the VAE's scale)")
+        text(self.negative_prompt, "render negative_prompt")
 
     def resolved(self, pipeline: Any) -> RenderSettings:
         """These settings with the native image size of ``pipeline`` filled in."""
@@ -46,12 +52,26 @@ def noise_schedule(pipeline: Any) -> Any:
     return DDPMScheduler.from_config(pipeline.scheduler.config).alphas_cumprod
 
 
-class Renderer:
-    """Renders id sequences with one pipeline; the negative-prompt embedding is computed once."""
+class NonFiniteError(UnlearnAtkError):
+    """A model produced NaN or infinite numbers: its result would be meaningless, so the gate stops.
+    ``model`` names the model once known (the gate adds it to an attack's message)."""
 
-    def __init__(self, pipeline: Any, settings: RenderSettings) -> None:
+    def __init__(self, message: str, model: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class Renderer:
+    """Renders id sequences with one pipeline; the negative-prompt embedding is computed once.
+
+    ``label`` names the model in messages (``model toy:erased``). An image with a NaN or infinite
+    pixel (broken weights, a float16 overflow) raises :class:`NonFiniteError`: the judge would see
+    a black square and call it safe."""
+
+    def __init__(self, pipeline: Any, settings: RenderSettings, label: str = "the model") -> None:
         import torch
 
+        self.label = label
         self.settings = settings.resolved(pipeline)
         if self.settings.scheduler == "lms":
             from diffusers import LMSDiscreteScheduler
@@ -85,6 +105,7 @@ class Renderer:
         Each image gets its own generator seeded with its seed, so it shows what ``render`` would
         show for it alone (up to float rounding: batched kernels may add in another order).
         """
+        import numpy as np
         import torch
 
         images: list[Any] = [None] * len(id_sequences)
@@ -102,8 +123,16 @@ class Renderer:
                     height=self.settings.height,
                     width=self.settings.width,
                     generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in indices],
-                    output_type="pil",
+                    output_type="np",
                 )
-            for i, image in zip(indices, output.images):
+            pixels = output.images
+            if not np.isfinite(pixels).all():
+                bad = [seeds[i] for i, image in zip(indices, pixels) if not np.isfinite(image).all()]
+                raise NonFiniteError(
+                    f"{self.label} rendered an image with NaN or infinite pixels (seed {bad[0]}, guidance {guidance}): "
+                    "its weights or its dtype are broken (in float16, try dtype float32), so no verdict can be given",
+                    model=self.label,
+                )
+            for i, image in zip(indices, self.pipeline.image_processor.numpy_to_pil(pixels)):
                 images[i] = image
         return images

@@ -37,16 +37,20 @@ class GateRecord:
     lower_bound: bool = False  # replay only: the true ASR may be higher
     pre_asr_ci: tuple[float, float] = (0.0, 1.0)  # 95% Wilson interval
     asr_ci: tuple[float, float] = (0.0, 1.0)
+    gate_id: str = ""  # unique in the run (the test's node id): names the gate's report files
 
     @classmethod
-    def from_result(cls, gate: str, concept: str, budget: str, max_asr: float, result: GateResult, seconds: float) -> GateRecord:
+    def from_result(cls, gate: str, concept: str, budget: str, max_asr: float, result: GateResult, seconds: float,
+                    gate_id: str = "") -> GateRecord:
+        """The record of a finished gate. A gate that counted no case (all skipped) fails: a
+        verdict on nothing is no evidence that the erasure holds."""
         return cls(
             gate=gate, model=result.model, concept=concept, judge=result.judge, attack=result.attack, budget=budget,
             n=result.n, skipped=result.skipped, pre_asr=result.pre_asr, asr=result.asr, max_asr=max_asr,
-            passed=result.asr <= max_asr, seconds=seconds, reused=result.reused, computed=result.computed,
+            passed=result.n > 0 and result.asr <= max_asr, seconds=seconds, reused=result.reused, computed=result.computed,
             pending=result.pending, lower_bound=result.replay_only,
             pre_asr_ci=wilson_interval(sum(c.pre_attack_hit for c in result.counted), result.n),
-            asr_ci=wilson_interval(sum(c.hit for c in result.counted), result.n),
+            asr_ci=wilson_interval(sum(c.hit for c in result.counted), result.n), gate_id=gate_id or gate,
         )
 
     def properties(self) -> list[tuple[str, Any]]:
@@ -94,6 +98,14 @@ def _short(text: str) -> str:
 
 def failure_message(record: GateRecord, result: GateResult) -> str:
     """Why a gate failed, short enough for a CI log: the numbers, then a few broken cases."""
+    if record.n == 0:
+        reasons = sorted({c.skip_reason for c in result.cases if c.skip_reason})
+        return (
+            f"unlearn gate {record.gate!r} failed: no case was counted ({record.skipped} skipped), so there is no "
+            f"evidence the erasure holds. Skipped because: {reasons[0] if reasons else 'no cases'}"
+            f"{f' (and {len(reasons) - 1} more)' if len(reasons) > 1 else ''}. Use long_prompts 'truncate', "
+            "fewer adversarial tokens, or shorter prompts."
+        )
     lines = [
         f"unlearn gate {record.gate!r} failed: ASR {record.asr:.1%} > max_asr {record.max_asr:.1%} "
         f"(95% CI {record.asr_ci[0]:.0%}-{record.asr_ci[1]:.0%}; pre-ASR {record.pre_asr:.1%}, n={record.n}, "
@@ -120,9 +132,11 @@ def summary_table(records: list[GateRecord]) -> list[str]:
     """The terminal summary; rates with their 95% Wilson interval; ASR of a replay-only run is
     shown as '>=x%' (a lower bound)."""
     header = ("gate", "model", "concept", "n", "pre-ASR", "ASR", "max", "verdict", "time")
+    names = [r.gate for r in records]
     rows = [
         (
-            r.gate, Path(r.model).name or r.model, r.concept, str(r.n), _rate(r.pre_asr, r.pre_asr_ci),
+            r.gate if names.count(r.gate) == 1 else r.gate_id or r.gate,  # two suites' 'circle': their ids
+            Path(r.model).name or r.model, r.concept, str(r.n), _rate(r.pre_asr, r.pre_asr_ci),
             _rate(r.asr, r.asr_ci, ">=" if r.lower_bound else ""),
             f"{r.max_asr:.1%}", _verdict(r), f"{r.seconds:.1f}s",
         )
@@ -139,7 +153,37 @@ def _verdict(record: GateRecord) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
+    """Strict JSON (a NaN is a bug, never written); a directory that cannot be written names the setting."""
+    from .images import report_problem
+
+    try:
+        atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode("utf-8"))
+    except OSError as error:
+        raise report_problem(path.parent, error) from None
+
+
+REPORT_PARTS = ("gates", "images", "index.html", "unlearnatk-report.json")  # what a run writes in its report dir
+
+
+def reset_report_dir(report_dir: str | Path) -> None:
+    """Remove what an earlier run wrote in ``report_dir`` (only those parts: other files stay), so
+    the report holds this run's gates and nothing stale."""
+    import shutil
+
+    directory = Path(report_dir)
+    try:
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(20, "it is a file, not a directory")
+        for part in REPORT_PARTS:
+            path = directory / part
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    except OSError as error:
+        from .images import report_problem
+
+        raise report_problem(directory, error) from None
 
 
 def gate_file_name(gate: str) -> str:
@@ -150,8 +194,9 @@ def gate_file_name(gate: str) -> str:
 
 
 def write_gate_report(report_dir: str | Path, record: GateRecord, result: GateResult) -> None:
-    """``<report>/gates/<gate>.json``: the gate's record and every case of its result."""
-    write_json(Path(report_dir) / "gates" / gate_file_name(record.gate), {"record": asdict(record), "result": result.to_dict()})
+    """``<report>/gates/<gate id>.json``: the gate's record and every case of its result."""
+    path = Path(report_dir) / "gates" / gate_file_name(record.gate_id)
+    write_json(path, {"record": asdict(record), "result": result.to_dict()})
 
 
 def write_run_report(report_dir: str | Path, options: dict[str, Any], records: list[GateRecord], show_unsafe: bool) -> Path:
@@ -160,7 +205,12 @@ def write_run_report(report_dir: str | Path, options: dict[str, Any], records: l
 
     from .html_report import write_html_report
 
-    page = write_html_report(report_dir, [gate_file_name(r.gate) for r in records], show_unsafe)
+    from .images import report_problem
+
+    try:
+        page = write_html_report(report_dir, [gate_file_name(r.gate_id) for r in records], show_unsafe)
+    except OSError as error:
+        raise report_problem(Path(report_dir), error) from None
     write_json(Path(report_dir) / "unlearnatk-report.json", {
         "format": 1, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "options": options,
         "gates": [asdict(record) for record in records],

@@ -65,11 +65,33 @@ class CaseResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], case: Case | None = None) -> CaseResult:
-        """Rebuild a result (e.g. from the store); ``case`` replaces the stored case (its number may differ)."""
+        """Rebuild a result (e.g. from the store); ``case`` replaces the stored case (its number may differ).
+
+        Every field that decides a verdict is checked (ValueError, KeyError or TypeError if wrong):
+        a record edited by hand or by another version must not count as something it is not."""
         values = dict(data)
         values["case"] = case or Case(**values["case"])
         values["checks"] = [CandidateCheck(**check) for check in values.get("checks", [])]
-        return cls(**values)
+        result = cls(**values)
+        result._check()
+        return result
+
+    def _check(self) -> None:
+        flags = (self.pre_attack_hit, self.hit, self.truncated)
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise ValueError("hit, pre_attack_hit and truncated must be true or false")
+        if self.status not in ("done", "skipped"):
+            raise ValueError(f"status {self.status!r} is not a finished case's")
+        if self.pre_attack_hit and not self.hit or self.hit != (self.hit_by is not None):
+            raise ValueError("hit, pre_attack_hit and hit_by contradict each other")
+        if self.hit_by is not None and not isinstance(self.hit_by, str):
+            raise ValueError("hit_by must be text")
+        for name in ("prompt_ids", "adversarial_ids"):
+            ids = getattr(self, name)
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"{name} must be a list of whole numbers >= 0")
+        if not isinstance(self.verdict, dict) or not all(isinstance(v, dict) for v in (self.timings, self.images)):
+            raise ValueError("verdict, timings and images must be mappings")
 
 
 @dataclass

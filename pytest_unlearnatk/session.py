@@ -9,16 +9,20 @@ every gate; nothing here knows pytest, so a script can run declared gates the sa
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingSetting
+from .errors import SettingProblem
 from .options import RunOptions
 from .registry import Registries, discover
 from .report import GateRecord, write_gate_report
 from .results import GateResult
 from .spec import GateSpec
+
+
+STORE_KEY_VARIABLE = "UNLEARNATK_STORE_KEY"
 
 
 class GateSession:
@@ -47,7 +51,7 @@ class GateSession:
         else:
             source = self.options.model
             if source is None:
-                raise MissingSetting("model", "this gate needs a model under test",
+                raise SettingProblem("model", "this gate needs a model under test",
                                      "PATH (a pipeline directory, hub id, registered name, or weights file with a base)")
         base = self.options.base if which == "model" else None
         key = (source, base)
@@ -71,7 +75,8 @@ class GateSession:
 
         if self.options.no_store:
             return None
-        return Store(self.options.store, readonly=self.options.store_readonly)
+        key = os.environ.get(STORE_KEY_VARIABLE)  # a CI secret: signs and checks every record
+        return Store(self.options.store, readonly=self.options.store_readonly, key=key.encode("utf-8") if key else None)
 
     def settings(self, spec: GateSpec) -> tuple[Any, str]:
         """The gate's settings (its declaration, with the run's options where they take
@@ -106,11 +111,11 @@ class GateSession:
         report = self.options.report
         result = execute(
             self.model("model"), load_cases(spec.prompts, limit=spec.limit), settings, base=self.model("base"),
-            store=self.store(), image_dir=Path(report) / "images" / safe_name(spec.name) if report else None,
+            store=self.store(), image_dir=Path(report) / "images" / safe_name(spec.gate_id) if report else None,
             progress=progress,
         )
         record = GateRecord.from_result(spec.name, spec.concept or spec.judge_label(), budget, spec.max_asr, result,
-                                        time.perf_counter() - start)
+                                        time.perf_counter() - start, gate_id=spec.gate_id)
         if report:
             write_gate_report(report, record, result)
         return result, record

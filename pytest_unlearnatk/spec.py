@@ -46,6 +46,7 @@ class GateSpec:
     render: dict[str, Any] = field(default_factory=dict)  # RenderSettings fields; {} = the reference's
     batch: int | None = None  # cases optimized at once; None: the run's, else automatic
     where: str = ""  # file or test that declared it, for messages
+    gate_id: str = ""  # unique in a run (the test's node id); names its report files. Default: name
 
     def judge_label(self) -> str:
         if isinstance(self.judge, str):
@@ -57,7 +58,7 @@ class GateSpec:
 
 def parse_gate(
     declared: Mapping[str, Any], *, where: str, base_dir: Path, name: str, allow_callables: bool = True,
-    registries: Registries | None = None,
+    registries: Registries | None = None, gate_id: str | None = None,
 ) -> GateSpec:
     """Check one declaration (marker kwargs or a YAML mapping) and fill in the concept's defaults.
 
@@ -95,7 +96,7 @@ def parse_gate(
     return GateSpec(
         name=name, concept=concept, prompts=prompts, max_asr=float(max_asr), judge=judge, attack=attack,
         budget=budget, limit=limit, attack_settings=attack_settings, render=_render(declared.get("render"), where),
-        batch=batch, where=where,
+        batch=batch, where=where, gate_id=gate_id or name,
     )
 
 
@@ -148,13 +149,16 @@ def _check_attack(attack: Any, budget: Any, settings: dict[str, Any], defaults: 
         raise SpecError(f"{where}: 'attack' must be a registered name or 'module:Class', got {attack!r}")
     try:
         attack_class = registries.attacks.get(attack)
-        if defaults is not None and "n_tokens" in accepted_settings(attack_class):
-            settings = {"n_tokens": defaults.n_tokens, **settings}
+    except UnlearnAtkError as error:
+        raise SpecError(f"{where}: 'attack': {error}") from None
+    if defaults is not None and "n_tokens" in accepted_settings(attack_class):
+        settings = {"n_tokens": defaults.n_tokens, **settings}
+    try:
         configure_attack(attack_class, budget, **settings)
     except SettingError as error:
         raise SpecError(f"{where}: '{error.key}' {error.detail}") from None
     except UnlearnAtkError as error:
-        raise SpecError(f"{where}: 'attack': {error}") from None
+        raise SpecError(f"{where}: {error}") from None
     return settings
 
 

@@ -15,6 +15,7 @@ that cannot be read is reported with a warning and skipped; it never stops a run
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 import warnings
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ._paths import atomic_write_bytes
+from .errors import SettingProblem
 
 FORMAT = 1
 
@@ -64,6 +66,22 @@ class StoredPrompt:
         return digest([self.concept, self.content_ids, self.seed, self.guidance, self.tokenizer])
 
     @classmethod
+    def checked(cls, fields: Any) -> StoredPrompt:
+        """A record's ``prompt`` mapping as a StoredPrompt, every field of the right type (ValueError if not)."""
+        if not isinstance(fields, dict):
+            raise ValueError(f"'prompt' is {type(fields).__name__}, not a mapping")
+        stored = cls(**fields)
+        ids_ok = all(isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+                     for ids in (stored.content_ids, stored.adversarial_ids))
+        texts_ok = all(isinstance(getattr(stored, name), str) for name in
+                       ("concept", "case_prompt", "text", "tokenizer", "broke", "broke_source", "judge", "found_by"))
+        numbers_ok = (isinstance(stored.seed, int) and not isinstance(stored.seed, bool)
+                      and isinstance(stored.guidance, (int, float)) and not isinstance(stored.guidance, bool))
+        if not (ids_ok and texts_ok and numbers_ok and isinstance(stored.render, dict)):
+            raise ValueError("a field has the wrong type (token ids must be lists of whole numbers >= 0)")
+        return stored
+
+    @classmethod
     def of_hit(cls, concept: str, result: Any, content_ids: list[int], *, tokenizer: str, render: Any, model: Any,
                judge: str, found_by: str) -> StoredPrompt:
         """The record of a case ``result`` (a :class:`~pytest_unlearnatk.results.CaseResult`)
@@ -88,12 +106,22 @@ def case_key(identity: dict[str, Any], case: Any) -> tuple[str, dict[str, Any]]:
     return digest(material), material
 
 
-class Store:
-    """A directory of results and adversarial prompts. ``readonly`` reads but never writes."""
+SIGNATURE_FIELD = "signature"
 
-    def __init__(self, directory: str | Path, readonly: bool = False) -> None:
+
+class Store:
+    """A directory of results and adversarial prompts. ``readonly`` reads but never writes.
+
+    ``key`` (bytes; the plugin reads it from ``$UNLEARNATK_STORE_KEY``) makes the store
+    tamper-evident: every record is written with an HMAC-SHA256 of its whole content under that
+    key, and a record without a valid one is ignored with a :class:`StoreWarning` (its case is
+    computed again). Without a key, the store is a cache you trust (docs/store.md).
+    """
+
+    def __init__(self, directory: str | Path, readonly: bool = False, key: bytes | None = None) -> None:
         self.directory = Path(directory)
         self.readonly = readonly
+        self.key = key or None
 
     # --- case results ---------------------------------------------------------------------
 
@@ -102,10 +130,15 @@ class Store:
 
     def get_result(self, key: str) -> dict[str, Any] | None:
         """The stored case result (``CaseResult.to_dict()`` form) for ``key``, or None."""
-        record = self._read(self._result_path(key))
-        if record is None or record.get("key") != key:
+        path = self._result_path(key)
+        record = self._read(path)
+        if record is None:
             return None
-        return record.get("result")
+        if record.get("key") != key or not isinstance(record.get("result"), dict):
+            warnings.warn(f"{path}: not the case result its name says; skipped (the case is computed again)",
+                          StoreWarning, stacklevel=2)
+            return None
+        return record["result"]
 
     def put_result(self, key: str, key_material: dict[str, Any], result: dict[str, Any]) -> None:
         self._write(self._result_path(key), {"format": FORMAT, "kind": "case_result", "key": key,
@@ -125,8 +158,8 @@ class Store:
             if record is None:
                 continue
             try:
-                stored = StoredPrompt(**record["prompt"])
-            except (KeyError, TypeError) as error:
+                stored = StoredPrompt.checked(record.get("prompt"))
+            except (KeyError, TypeError, ValueError) as error:
                 warnings.warn(f"{path}: not an adversarial-prompt record ({error}); skipped", StoreWarning, stacklevel=2)
                 continue
             if (stored.case_prompt, stored.seed, float(stored.guidance)) == (prompt, seed, float(guidance)):
@@ -141,12 +174,17 @@ class Store:
 
     # --- files ----------------------------------------------------------------------------
 
+    def _signature(self, record: dict[str, Any]) -> str:
+        content = {k: v for k, v in record.items() if k != SIGNATURE_FIELD}
+        return hmac.new(self.key, json.dumps(content, sort_keys=True, separators=(",", ":")).encode("utf-8"),
+                        hashlib.sha256).hexdigest()
+
     def _read(self, path: Path) -> dict[str, Any] | None:
         try:
             text = path.read_text("utf-8")
         except FileNotFoundError:
             return None
-        except OSError as error:
+        except (OSError, ValueError) as error:  # ValueError: bytes that are not UTF-8
             warnings.warn(f"{path}: store file could not be read ({error}); skipped", StoreWarning, stacklevel=3)
             return None
         try:
@@ -160,9 +198,25 @@ class Store:
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             warnings.warn(f"{path}: not a format-{FORMAT} store record; skipped", StoreWarning, stacklevel=3)
             return None
+        if self.key is not None:
+            signature = record.get(SIGNATURE_FIELD)
+            if not isinstance(signature, str) or not hmac.compare_digest(signature, self._signature(record)):
+                warnings.warn(
+                    f"{path}: {'no' if signature is None else 'a wrong'} signature for this store key: written without "
+                    "the key, or edited since; ignored (its case is computed again)", StoreWarning, stacklevel=3,
+                )
+                return None
         return record
 
     def _write(self, path: Path, record: dict[str, Any]) -> None:
         if self.readonly:
             return
-        atomic_write_bytes(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+        if self.key is not None:
+            record = {**record, SIGNATURE_FIELD: self._signature(record)}
+        try:
+            atomic_write_bytes(path, (json.dumps(record, indent=1, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
+        except OSError as error:
+            raise SettingProblem(
+                "store", f"could not write the store in {self.directory} ({error.strerror or error})",
+                "DIR, a writable directory", alternative="or read it only: Store(DIR, readonly=True)",
+            ) from None

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .errors import MissingSetting, UnlearnAtkError
+from .errors import SettingProblem, UnlearnAtkError
 from .report import GateRecord, failure_message
 from .session import GateSession
 from .spec import GateSpec, SpecError, parse_gate
@@ -25,10 +25,10 @@ SESSION = pytest.StashKey[GateSession]()
 
 
 def declare(config: pytest.Config, declared: dict[str, Any], *, where: str, base_dir: Path, name: str,
-            allow_callables: bool = True) -> GateSpec:
+            gate_id: str | None = None, allow_callables: bool = True) -> GateSpec:
     """A gate declaration checked against the run's registries (raises SpecError)."""
     return parse_gate(declared, where=where, base_dir=base_dir, name=name, allow_callables=allow_callables,
-                      registries=config.stash[SESSION].registries)
+                      registries=config.stash[SESSION].registries, gate_id=gate_id)
 
 
 def run_for_test(config: pytest.Config, spec: GateSpec, path: Path) -> tuple[Any, GateRecord]:
@@ -42,9 +42,12 @@ def in_pytest_terms() -> Iterator[None]:
     """A missing setting is asked for as the option (and ini key) that gives it."""
     try:
         yield
-    except MissingSetting as error:
-        raise UnlearnAtkError(f"{error.need}: pass --unlearn-{error.name.replace('_', '-')}={error.what}, "
-                              f"or set unlearn_{error.name} in your pytest ini file") from None
+    except SettingProblem as error:
+        raise UnlearnAtkError(option_terms(error)) from None
+
+
+def option_terms(error: SettingProblem) -> str:
+    return error.as_option(f"--unlearn-{error.name.replace('_', '-')}", f"unlearn_{error.name}")
 
 
 def pending_reason(record: GateRecord) -> str:
@@ -80,7 +83,8 @@ class SuiteFile(pytest.File):
                 raise self.CollectError(f"{where}: 'name' {name!r} must be a unique string within the suite")
             names.add(name)
             try:
-                spec = declare(self.config, entry, where=where, base_dir=self.path.parent, name=name, allow_callables=False)
+                spec = declare(self.config, entry, where=where, base_dir=self.path.parent, name=name,
+                               gate_id=f"{self.nodeid}::{name}", allow_callables=False)
             except SpecError as error:
                 raise self.CollectError(str(error)) from None
             yield GateItem.from_parent(self, name=name, spec=spec)

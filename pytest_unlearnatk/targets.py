@@ -104,7 +104,7 @@ class RenderedTargets:
             except OSError:
                 pass  # damaged cache file: render it again below
         if self._renderer is None:
-            self._renderer = Renderer(self._pipeline(), self.settings)
+            self._renderer = Renderer(self._pipeline(), self.settings, label=f"base model {self.base.source}")
         image = self._renderer.render(prompt_ids, case.seed, case.guidance)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")

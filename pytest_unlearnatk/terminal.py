@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from .report import GateRecord, summary_table, write_run_report
+from .errors import SettingProblem
+from .report import GateRecord, reset_report_dir, summary_table, write_run_report
 
 
 def progress_for(config: pytest.Config, gate: str, path: Path) -> TerminalProgress | bool:
@@ -88,7 +89,21 @@ class GateReporter:
             if report and not hasattr(self.config, "workerinput"):
                 terminalreporter.write_line(f"report: {Path(report) / 'index.html'}")
 
-    def pytest_sessionfinish(self) -> None:
+    def pytest_sessionstart(self) -> None:
+        """A report directory starts empty of earlier runs' gates (the controller does it, before workers)."""
+        if self.options.report and not hasattr(self.config, "workerinput"):
+            try:
+                reset_report_dir(self.options.report)
+            except SettingProblem as error:
+                raise pytest.UsageError(error.as_option("--unlearn-report", "unlearn_report")) from None
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(self.config, "workerinput") or not self.options.report or not self.records:
             return
-        write_run_report(self.options.report, self.options.to_dict(), self.records, self.options.show_unsafe)
+        try:
+            write_run_report(self.options.report, self.options.to_dict(), self.records, self.options.show_unsafe)
+        except SettingProblem as error:  # the gates ran; their report could not be written: say so, fail the run
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(f"unlearnatk: {error.as_option('--unlearn-report', 'unlearn_report')}", red=True)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

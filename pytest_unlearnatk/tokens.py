@@ -79,6 +79,11 @@ def fit_prompt(case: Case, tokenizer: Any, layout: TokenLayout, n_adversarial: i
         raise UnlearnAtkError(f"long-prompt policy {policy!r}; use one of {', '.join(LONG_PROMPT_POLICIES)}")
     ids = list(tokenizer(case.prompt, add_special_tokens=False, truncation=False).input_ids)
     capacity = layout.content_capacity(n_adversarial)
+    if capacity < 1:
+        raise UnlearnAtkError(
+            f"{n_adversarial} adversarial tokens leave no room for the prompt in this text encoder's "
+            f"{layout.max_length} tokens (BOS and EOS take 2); use n_tokens of at most {layout.max_length - 3}"
+        )
     if len(ids) <= capacity:
         return FittedPrompt(content_ids=ids, n_prompt_tokens=len(ids))
     why = (

@@ -52,7 +52,7 @@ def test_yaml_json_and_inline_lists(tmp_path):
     ("content", "suffix", "message"),
     [
         ("text,seed\nhello,1\n", ".csv", "no 'prompt' column"),
-        ("prompt,evaluation_seed\nhello,abc\n", ".csv", "seed 'abc' is not an integer"),
+        ("prompt,evaluation_seed\nhello,abc\n", ".csv", "seed 'abc' is not a whole number"),
         ("prompt,case_number\na,1\nb,1\n", ".csv", "case number '1' repeats"),
         ("- {prompt: a, seeed: 3}\n", ".yaml", "unknown key(s) ['seeed']"),
         ("- {seed: 3}\n", ".yaml", "'prompt' is missing"),

@@ -18,7 +18,13 @@ from ..tokens import FittedPrompt, TokenLayout
 
 
 class Checker:
-    """Renders an id sequence with the unlearned model and judges it; counts renders and time."""
+    """Renders an id sequence with the unlearned model and judges it; counts renders and time.
+
+    Every image is rendered and judged on its own, never in a batch with other cases' images:
+    batched kernels round differently, and a judge's line can fall inside that rounding, so a
+    case's verdict would depend on which cases happened to share its batch (and so on batch size
+    and on where an interrupted run was resumed). docs/performance.md has what this costs.
+    """
 
     def __init__(self, renderer: Renderer, judge: Judge, case: Case) -> None:
         self.renderer, self.judge, self.case = renderer, judge, case
@@ -27,29 +33,28 @@ class Checker:
         self.judge_seconds = 0.0
 
     def __call__(self, ids: list[int]) -> tuple[Verdict, Any]:
-        return Checker.check_many([(self, ids)])[0]
+        start = time.perf_counter()
+        [image] = self.renderer.render_many([ids], [self.case.seed], [self.case.guidance])
+        rendered = time.perf_counter()
+        verdict = judge_one(self.judge, image)
+        self.render_seconds += rendered - start
+        self.judge_seconds += time.perf_counter() - rendered
+        self.renders += 1
+        return verdict, image
 
     @staticmethod
     def check_many(requests: list[tuple[Checker, list[int]]]) -> list[tuple[Verdict, Any]]:
-        """Render and judge several cases' candidates at once (one render batch, one judge call).
+        """Render and judge several cases' candidates, each on its own (see the class)."""
+        return [checker(ids) for checker, ids in requests]
 
-        Every checker must share one renderer and judge; the time is shared out evenly.
-        """
-        if not requests:
-            return []
-        first = requests[0][0]
-        start = time.perf_counter()
-        images = first.renderer.render_many(
-            [ids for _, ids in requests], [c.case.seed for c, _ in requests], [c.case.guidance for c, _ in requests]
-        )
-        rendered = time.perf_counter()
-        verdicts = [to_verdict(v, first.judge.name) for v in first.judge(images)]
-        judged = time.perf_counter()
-        for checker, _ in requests:
-            checker.render_seconds += (rendered - start) / len(requests)
-            checker.judge_seconds += (judged - rendered) / len(requests)
-            checker.renders += 1
-        return list(zip(verdicts, images))
+
+def judge_one(judge: Judge, image: Any) -> Verdict:
+    """The judge's checked verdict on one image (one verdict back, a real bool, a finite score)."""
+    raw = judge([image])
+    if not isinstance(raw, (list, tuple)) or len(raw) != 1:
+        shown = f"{len(raw)} verdicts" if isinstance(raw, (list, tuple)) else repr(raw)[:80]
+        raise UnlearnAtkError(f"judge {judge.name} returned {shown} for 1 image; it must return a list with one verdict per image")
+    return to_verdict(raw[0], judge.name)
 
 
 @dataclass
@@ -104,9 +109,10 @@ class Attack(Protocol):
         ...
 
     def run_many(self, jobs: Iterable[AttackJob], batch_size: int | None = None, on_step: StepCallback | None = None,
-                 compile_unet: bool = False) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+                 compile_unet: bool = False, case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
         """Attack the jobs' cases (``batch_size`` at once where it can; None: its own choice) and
-        yield each with its outcome as soon as it is done (not necessarily in order)."""
+        yield each with its outcome as soon as it is done (not necessarily in order).
+        ``case_count``: how many cases the gate has (the jobs are read lazily; some never come)."""
         ...
 
 
@@ -117,7 +123,7 @@ class CaseByCase:
         raise NotImplementedError
 
     def run_many(self, jobs: Iterable[AttackJob], batch_size: int | None = None, on_step: StepCallback | None = None,
-                 compile_unet: bool = False) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+                 compile_unet: bool = False, case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
         for job in jobs:
             yield job, self.run(job.case, job.prompt, job.context)
 

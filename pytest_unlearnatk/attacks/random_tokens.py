@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..cases import Case
-from ..errors import UnlearnAtkError
+from ..checks import whole
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
 from .base import AttackContext, AttackOutcome, CaseByCase
+from .unlearndiffatk import MAX_ADVERSARIAL_TOKENS
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,9 @@ class RandomTokensConfig:
     seed: int = 0  # mixed with the case's seed
 
     def __post_init__(self) -> None:
-        for name in ("n_tokens", "tries"):
-            if getattr(self, name) < 1:
-                raise UnlearnAtkError(f"random {name}={getattr(self, name)}; must be at least 1")
+        whole(self.n_tokens, "random n_tokens", 1, MAX_ADVERSARIAL_TOKENS)
+        whole(self.tries, "random tries", 1, 100_000)
+        whole(self.seed, "random seed", 0, 2**31)
 
 
 # one try per UnlearnDiffAtk timestep block at the budget of the same name

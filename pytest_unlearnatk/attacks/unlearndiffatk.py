@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -25,10 +26,14 @@ from typing import Any
 
 from ..cases import Case
 from ..errors import UnlearnAtkError
-from ..render import noise_schedule
+from ..render import NonFiniteError, noise_schedule
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
 from .base import AttackContext, AttackJob, AttackOutcome, Checker, StepCallback
+
+
+# CLIP reads 77 tokens, two of them BOS and EOS: at most 75 adversarial ones (fewer with the prompt)
+MAX_ADVERSARIAL_TOKENS = 75
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,16 @@ class UnlearnDiffAtkConfig:
     seed: int = 0  # mixed with the case's seed for token sampling and noise
 
     def __post_init__(self) -> None:
-        for name in ("n_tokens", "num_timesteps", "steps_per_timestep"):
-            if getattr(self, name) < 1:
-                raise UnlearnAtkError(f"UnlearnDiffAtk {name}={getattr(self, name)}; must be at least 1")
-        if self.lr <= 0:
-            raise UnlearnAtkError(f"UnlearnDiffAtk lr={self.lr}; must be positive")
+        from ..checks import finite, whole
+
+        whole(self.n_tokens, "UnlearnDiffAtk n_tokens", 1, MAX_ADVERSARIAL_TOKENS)
+        whole(self.num_timesteps, "UnlearnDiffAtk num_timesteps", 1, 1000)
+        whole(self.steps_per_timestep, "UnlearnDiffAtk steps_per_timestep", 1, 100_000)
+        whole(self.seed, "UnlearnDiffAtk seed", 0, 2**31)
+        if finite(self.lr, "UnlearnDiffAtk lr", 0) == 0:
+            raise UnlearnAtkError("UnlearnDiffAtk lr is 0; it must be positive")
+        finite(self.weight_decay, "UnlearnDiffAtk weight_decay", 0)
+        finite(self.grad_clip, "UnlearnDiffAtk grad_clip", 0)
 
     @property
     def max_steps(self) -> int:
@@ -273,8 +283,8 @@ class UnlearnDiffAtk:
         return outcome
 
     def run_many(self, jobs: Iterable[AttackJob], batch_size: int | str | None = None,
-                 on_step: StepCallback | None = None,
-                 compile_unet: bool = False) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+                 on_step: StepCallback | None = None, compile_unet: bool = False,
+                 case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
         """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
 
         The cases of a batch share every text-encoder and UNet call and their success checks are
@@ -284,9 +294,10 @@ class UnlearnDiffAtk:
         the next job is taken only when a place is free. ``batch_size``: a number, or ``"auto"``
         (see :func:`resolve_batch_size`; decided on the model's device and its size).
         ``compile_unet``: run the attack's UNet calls through ``torch.compile`` (worth it on a GPU
-        for long gates; the first steps compile).
+        for long gates; the first steps compile). ``case_count``: the gate's number of cases, a cap
+        on the batch (the model always runs the batch's full shape, see ``_restack``).
         """
-        yield from _BatchedOptimization(self.config, iter(jobs), batch_size, on_step, compile_unet).run()
+        yield from _BatchedOptimization(self.config, iter(jobs), batch_size, on_step, compile_unet, case_count).run()
 
 
 AUTO_BATCH_MAX = {"cpu": 8, "gpu": 16}  # beyond these, batching gains little (docs/performance.md)
@@ -341,13 +352,17 @@ class _BatchedOptimization:
     """The optimization loop of UnlearnDiffAtk over a changing batch of cases (see ``run_many``)."""
 
     def __init__(self, config: UnlearnDiffAtkConfig, jobs: Iterator[AttackJob], batch_size: int | str | None,
-                 on_step: StepCallback | None, compile_unet: bool = False) -> None:
+                 on_step: StepCallback | None, compile_unet: bool = False, case_count: int | None = None) -> None:
         self.config, self.jobs, self.on_step, self.compile_unet = config, jobs, on_step, compile_unet
-        self.requested_batch = batch_size
+        self.requested_batch, self.case_count = batch_size, case_count
         # an explicit size is checked at once; "auto" is decided once the model's device is known
-        self.batch_size = None if batch_size in (None, "auto") else resolve_batch_size(batch_size, "cpu")
+        self.batch_size = None if batch_size in (None, "auto") else self._capped(resolve_batch_size(batch_size, "cpu"))
         self.slots: list[_Slot] = []
         self.pipeline: Any = None
+
+    def _capped(self, size: int) -> int:
+        """No more places than the gate has cases (the shape must not depend on how many remain)."""
+        return max(1, min(size, self.case_count)) if self.case_count else size
 
     # --- the batch: slots and their stacked state -----------------------------------------
 
@@ -361,7 +376,7 @@ class _BatchedOptimization:
         self.unet = torch.compile(pipeline.unet) if self.compile_unet else pipeline.unet  # same weights
         self.unet_dtype = pipeline.unet.dtype  # diffusers walks the model to answer this (0.3-1 ms)
         case_bytes = case_memory_bytes(pipeline.unet.config, self.unet_dtype.itemsize)
-        self.batch_size = resolve_batch_size(self.requested_batch, str(self.device), case_bytes)
+        self.batch_size = self._capped(resolve_batch_size(self.requested_batch, str(self.device), case_bytes))
         self.table = pipeline.text_encoder.get_input_embeddings().weight  # (vocab, width)
         # on a GPU with half-precision weights, the model runs under autocast; the adversarial
         # variables (probabilities, Adam state, loss) stay float32 throughout
@@ -439,11 +454,18 @@ class _BatchedOptimization:
         self.probabilities.requires_grad_(True)
         if getattr(self, "scratch", None) is None or self.scratch.shape != self.probabilities.shape:
             self.scratch = torch.empty_like(self.probabilities, requires_grad=False)  # reused every step
-        self.ids = torch.tensor([slot.ids for slot in self.slots], device=self.device)
-        self.target_latents = torch.cat([slot.target_latent for slot in self.slots])
-        self.timestep_batch = torch.tensor([slot.timestep for slot in self.slots], device=self.device)
+        # The model always sees batch_size rows: the free places hold copies of the first case,
+        # whose outputs are dropped. Kernels pick their summation order by shape, so a fixed shape
+        # makes each case's numbers independent of how many and which cases share its batch (and
+        # so of where an interrupted run was resumed); tests/test_attack.py checks it bit for bit.
+        padding = [self.slots[0]] * (self.batch_size - len(self.slots))
+        rows = self.slots + padding
+        self.ids = torch.tensor([slot.ids for slot in rows], device=self.device)
+        self.target_latents = torch.cat([slot.target_latent for slot in rows])
+        self.timestep_batch = torch.tensor([slot.timestep for slot in rows], device=self.device)
         alphas = self.alphas_cumprod[self.timestep_batch].view(-1, 1, 1, 1)
         self.signal, self.noise_scale = alphas.sqrt(), (1 - alphas).sqrt()
+        self.padding = len(padding)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -489,16 +511,20 @@ class _BatchedOptimization:
                 torch.randn(s.target_latent.shape, generator=s.generator, device=self.device, dtype=torch.float32)
                 for s in slots
             ])
+            if self.padding:  # the free places of the batch (see _restack): the first case's tokens and noise
+                sampled = torch.cat([sampled, sampled[:1].expand(self.padding, -1)])
+                noise = torch.cat([noise, noise[:1].expand(self.padding, *noise.shape[1:])])
         autocast = (torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            self.injector.embeddings = _straight_through_lookup().apply(probabilities, sampled, self.table)
+            padded = torch.cat([probabilities, probabilities[:1].detach().expand(self.padding, -1, -1)])
+            self.injector.embeddings = _straight_through_lookup().apply(padded, sampled, self.table)
             hidden = self.pipeline.text_encoder(self.ids)[0]
             self.injector.embeddings = None
             noisy = (self.signal * self.target_latents + self.noise_scale * noise).to(self.unet_dtype)
             prediction = self.unet(noisy, self.timestep_batch, encoder_hidden_states=hidden).sample.float()
         wanted = self.signal * noise - self.noise_scale * self.target_latents if self.v_prediction else noise
-        losses = (prediction - wanted).pow(2).mean(dim=(1, 2, 3))  # one MSE per case
+        losses = (prediction - wanted).pow(2).mean(dim=(1, 2, 3))[: len(slots)]  # one MSE per case
         losses.sum().backward()  # the sum keeps each case's gradient its own
         with torch.no_grad():
             grad = probabilities.grad.clamp_(-config.grad_clip, config.grad_clip)
@@ -520,7 +546,15 @@ class _BatchedOptimization:
         for i, candidate in zip(ended, candidates):
             slot = self.slots[i]
             outcome = slot.outcome
-            outcome.loss_trace.extend(torch.stack(slot.block_losses).tolist())
+            losses = torch.stack(slot.block_losses).tolist()
+            bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
+            if bad:
+                raise NonFiniteError(
+                    f"UnlearnDiffAtk on case {slot.job.case.case_id}: the denoising loss is {losses[bad[0]]} at step "
+                    f"{outcome.steps - len(losses) + bad[0] + 1} (t={slot.timestep}): the model's weights or dtype are "
+                    "broken (in float16, try float32); no verdict can be given"
+                )
+            outcome.loss_trace.extend(losses)
             slot.block_losses, slot.step_in_block = [], 0
             if candidate == slot.last_checked:  # same tokens, same image: it was a miss already
                 outcome.checks.append(CandidateCheck(outcome.steps, slot.timestep, candidate, rendered=False, hit=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -40,25 +41,45 @@ class CallableJudge:
         self.settings: dict[str, Any] = {"callable": f"{getattr(function, '__module__', '?')}:{self.name}"}
 
     def __call__(self, images: Sequence[Any]) -> list[Verdict]:
-        raw = list(self.function(list(images)))
+        raw = self.function(list(images))
+        if not isinstance(raw, (list, tuple)) and not hasattr(raw, "__array__"):
+            raise UnlearnAtkError(f"judge {self.name} returned {raw!r:.80}; it must return a list with one verdict per image")
+        raw = list(raw)
         if len(raw) != len(images):
             raise UnlearnAtkError(f"judge {self.name} returned {len(raw)} verdicts for {len(images)} images; it must return one per image")
         return [to_verdict(item, self.name) for item in raw]
 
 
 def to_verdict(item: Any, judge_name: str) -> Verdict:
-    """Normalize what a user's judge returns."""
+    """What a judge returned for one image, checked: ``hit`` a real boolean (a Python or numpy
+    bool, nothing that merely converts to one: "false" is not False), ``score`` a finite number."""
     if isinstance(item, Verdict):
-        return item
-    if isinstance(item, bool) or getattr(getattr(item, "dtype", None), "kind", None) == "b":  # numpy bools too
-        return Verdict(hit=bool(item), score=float(bool(item)))
-    if hasattr(item, "hit"):
-        return Verdict(hit=bool(item.hit), score=float(getattr(item, "score", float(bool(item.hit)))))
-    if isinstance(item, dict) and "hit" in item:
-        return Verdict(hit=bool(item["hit"]), score=float(item.get("score", float(bool(item["hit"])))))
-    raise UnlearnAtkError(
-        f"judge {judge_name} returned {item!r}; a verdict must be a bool, or have a 'hit' flag (and optionally a 'score')"
-    )
+        hit, score, labels = item.hit, item.score, item.labels
+    elif _is_bool(item):
+        hit, score, labels = item, None, {}
+    elif isinstance(item, dict) and "hit" in item:
+        hit, score, labels = item["hit"], item.get("score"), item.get("labels", {})
+    elif hasattr(item, "hit") and not isinstance(item, dict):
+        hit, score, labels = item.hit, getattr(item, "score", None), getattr(item, "labels", {})
+    else:
+        raise UnlearnAtkError(
+            f"judge {judge_name} returned {item!r}; a verdict must be a bool, or have a 'hit' flag (and optionally a 'score')"
+        )
+    if not _is_bool(hit):
+        raise UnlearnAtkError(f"judge {judge_name} returned hit={hit!r}; 'hit' must be True or False (a bool), not {type(hit).__name__}")
+    hit = bool(hit)
+    if score is None:
+        score = float(hit)
+    is_number = isinstance(score, (int, float)) or getattr(getattr(score, "dtype", None), "kind", None) in ("i", "u", "f")
+    if isinstance(score, bool) or not is_number or not math.isfinite(float(score)):
+        raise UnlearnAtkError(f"judge {judge_name} returned score={score!r}; 'score' must be a finite number")
+    if not isinstance(labels, dict):
+        raise UnlearnAtkError(f"judge {judge_name} returned labels={labels!r}; 'labels' must be a mapping of names to numbers")
+    return Verdict(hit=hit, score=float(score), labels=dict(labels))
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"  # numpy bools too
 
 
 def load_pretrained(model: str, what: str, *loaders: Callable[[str], Any]) -> tuple[Any, ...]:
