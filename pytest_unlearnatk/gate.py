@@ -222,6 +222,7 @@ class _GateRun:
                  images: ImageFiles | None) -> None:
         self.model, self.settings, self.base, self.store, self.images = model, settings, base, store, images
         self.attack, self.judge = settings.attack, settings.judge
+        model.fingerprint  # noqa: B018 (a model that cannot be found says so first, before anything it lacks)
         if not settings.replay_only and self.attack.needs_target and settings.target_dir is None and base is None:
             raise SettingProblem("base", f"attack {self.attack.name} needs target images", "BASE (the original model)",
                                  alternative="or target_dir=, a directory of images named by case number")

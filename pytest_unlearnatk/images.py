@@ -15,7 +15,7 @@ def safe_name(text: str, fallback: str = "gate") -> str:
     ``_.-``, no leading dot, at most 120 characters. Where that changed ``text``, a short hash of
     it is added, so two names that differ (``nudity v1``, ``nudity/v1``) never share a file."""
     cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.")[:100]
-    if cleaned == text:
+    if cleaned == text and cleaned:
         return cleaned
     return f"{cleaned or fallback}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
 

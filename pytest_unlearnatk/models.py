@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fingerprint as fp
-from .errors import UnlearnAtkError
+from .errors import SettingProblem, UnlearnAtkError
 from .options import parse_device, parse_dtype
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -158,10 +158,7 @@ def _load(source: str, *, base: str | None, device: str | None, dtype: str | Non
                 "and not a pipeline directory"
             )
         if base is None:
-            raise UnlearnAtkError(
-                f"{path} is a weights file; it needs the base pipeline it was fine-tuned from: "
-                "pass base=PATH_OR_HUB_ID (pytest: --unlearn-base)"
-            )
+            raise _needs_base(path)
         base_source = str(base)
         if Path(base_source).expanduser().is_file():
             raise UnlearnAtkError(f"base {base_source} is a file; the base must be a pipeline directory or a hub id")
@@ -192,6 +189,11 @@ def _pipeline_directory(source: str) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
+    if path.is_file():
+        raise UnlearnAtkError(
+            f"{source} is a file, not a pipeline directory: a base model (or a model without a base) is a "
+            "diffusers pipeline directory or a hub id; a weights file is the model applied over such a base"
+        )
     if path.suffix in WEIGHT_SUFFIXES or source.startswith((".", "/", "~")):
         raise UnlearnAtkError(f"{source}: no such file or directory")
     if HUB_ID.match(source):
@@ -205,9 +207,14 @@ def model_fingerprint(source: str | Path, base: str | Path | None = None) -> str
     path = Path(str(source)).expanduser()
     if path.is_file():
         if base is None:
-            raise UnlearnAtkError(f"{path} is a weights file; it needs the base pipeline (base=, --unlearn-base)")
+            raise _needs_base(path)
         return weights_fingerprint(fp.directory_fingerprint(_pipeline_directory(str(base))), path)
     return fp.directory_fingerprint(_pipeline_directory(str(source)))
+
+
+def _needs_base(path: Path) -> SettingProblem:
+    return SettingProblem("base", f"{path} is a weights file; it needs the base pipeline it was fine-tuned from",
+                          "BASE (a pipeline directory or hub id)")
 
 
 def weights_fingerprint(base_fingerprint: str, weights_file: Path) -> str:

@@ -131,6 +131,8 @@ def _judge(judge: Any, concept: str | None, where: str, allow_callables: bool, r
     if not (isinstance(judge, (str, Mapping)) or callable(judge)):
         raise SpecError(f"{where}: 'judge' must be a judge name, 'module:function', or a callable; got {judge!r}")
     judge_name = judge.get("name") if isinstance(judge, Mapping) else judge
+    if isinstance(judge, Mapping) and not isinstance(judge_name, str):
+        raise SpecError(f"{where}: 'judge' {dict(judge)!r} needs a 'name' (text), e.g. {{name: imagenet, label: church}}")
     if isinstance(judge_name, str) and not is_reference(judge_name) and judge_name not in registries.judges:
         raise SpecError(
             f"{where}: 'judge' {judge_name!r} is not a registered judge ({', '.join(registries.judges.names())}); "

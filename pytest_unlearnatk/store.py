@@ -182,7 +182,7 @@ class Store:
     def _read(self, path: Path) -> dict[str, Any] | None:
         try:
             text = path.read_text("utf-8")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, ValueError) as error:  # ValueError: bytes that are not UTF-8
             warnings.warn(f"{path}: store file could not be read ({error}); skipped", StoreWarning, stacklevel=3)

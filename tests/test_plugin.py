@@ -65,7 +65,9 @@ def test_marker_gates_pass_and_fail_with_a_readable_message(pytester, gate_args,
     # the JSON report of the run, and one per gate with every case
     report = json.loads((tmp_path / "report" / "unlearnatk-report.json").read_text())
     assert [g["passed"] for g in report["gates"]] == [True, False]
-    per_gate = json.loads((tmp_path / "report" / "gates" / "test_gates.py_test_resists.json").read_text())
+    from pytest_unlearnatk.report import gate_file_name
+
+    per_gate = json.loads((tmp_path / "report" / "gates" / gate_file_name("test_gates.py::test_resists")).read_text())
     assert len(per_gate["result"]["cases"]) == 2 and per_gate["result"]["cases"][0]["steps"] == 6
 
 

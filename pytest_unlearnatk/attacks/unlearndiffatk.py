@@ -274,8 +274,9 @@ class UnlearnDiffAtk:
     def config_dict(self) -> dict[str, Any]:
         # "version" changes whenever the same settings would find other tokens (it is part of the
         # store key): 2 = inverse-CDF token sampling, per-case Adam in a batch; 3 = the exact Newton
-        # projection (it rounds differently from the bisection of version 2)
-        return {**asdict(self.config), "version": 3}
+        # projection (it rounds differently from the bisection of version 2); 4 = the model always
+        # runs the batch's full shape, and checks are rendered alone (other rounding in part-full batches)
+        return {**asdict(self.config), "version": 4}
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
         """Attack one case (a batch of one)."""
