@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class GateSettings:
 
     attack: Attack
     judge: Judge
-    render: RenderSettings = RenderSettings()
+    render: RenderSettings = field(default_factory=RenderSettings)
     long_prompts: str = "truncate"
     concept: str = ""  # "" until built: then the judge's name unless given
     replay_only: bool = False

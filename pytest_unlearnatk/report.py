@@ -204,7 +204,6 @@ def write_run_report(report_dir: str | Path, options: dict[str, Any], records: l
     import time
 
     from .html_report import write_html_report
-
     from .images import report_problem
 
     try:

@@ -21,7 +21,6 @@ from .report import GateRecord, write_gate_report
 from .results import GateResult
 from .spec import GateSpec
 
-
 STORE_KEY_VARIABLE = "UNLEARNATK_STORE_KEY"
 
 

@@ -482,5 +482,5 @@ def test_a_missing_model_path_says_so_first(pytester, tmp_path):
 def test_a_report_directory_that_is_a_file_is_a_usage_error(pytester, tiny_dir):
     (pytester.path / "report").write_text("a file")
     result = pytester.runpytest(f"--unlearn-model={tiny_dir}", f"--unlearn-report={pytester.path / 'report'}")
-    result.stderr.fnmatch_lines(["*could not write the report in *report (it is a file, not a directory): "
-                                 "pass --unlearn-report=DIR, a writable directory*"])
+    result.stderr.fnmatch_lines([("*could not write the report in *report (it is a file, not a directory): "
+                                  "pass --unlearn-report=DIR, a writable directory*")])

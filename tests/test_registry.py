@@ -122,8 +122,8 @@ def test_a_package_on_sys_path_adds_an_attack_and_a_judge_used_from_a_marker(pyt
     ''')
     result = pytester.runpytest(f"--unlearn-model={tiny_dir}", "--unlearn-no-store", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*unlearn gate 'test_own_plugins.py::test_breaks' failed: ASR 100.0% > max_asr 50.0%*"
-                                 "attack token_sweep, budget fast)"])
+    result.stdout.fnmatch_lines([("*unlearn gate 'test_own_plugins.py::test_breaks' failed: ASR 100.0% > max_asr 50.0%*"
+                                  "attack token_sweep, budget fast)")])
 
     listed = pytester.runpytest("--unlearn-list")
     assert listed.ret == 0

@@ -10,7 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from .base import (
-    Attack, AttackContext, AttackJob, AttackOutcome, CaseByCase, Checker, SettingError, accepted_settings,
+    Attack,
+    AttackContext,
+    AttackJob,
+    AttackOutcome,
+    CaseByCase,
+    Checker,
+    SettingError,
+    accepted_settings,
     configure_attack,
 )
 from .no_attack import NoAttack

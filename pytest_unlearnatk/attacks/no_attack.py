@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..cases import Case
 from ..tokens import FittedPrompt
@@ -18,7 +18,7 @@ class NoAttackConfig:
 class NoAttack(CaseByCase):
     name = "no_attack"
     config_class = NoAttackConfig
-    presets: dict[str, NoAttackConfig] = {}  # no budget
+    presets: ClassVar[dict[str, NoAttackConfig]] = {}  # no budget
     default_preset = None
     requires = ("torch", "diffusers", "transformers")  # for the plain prompt's render
     n_adversarial = 0

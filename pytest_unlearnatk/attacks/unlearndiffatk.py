@@ -31,7 +31,6 @@ from ..results import CandidateCheck
 from ..tokens import FittedPrompt
 from .base import AttackContext, AttackJob, AttackOutcome, Checker, StepCallback
 
-
 # CLIP reads 77 tokens, two of them BOS and EOS: at most 75 adversarial ones (fewer with the prompt)
 MAX_ADVERSARIAL_TOKENS = 75
 
