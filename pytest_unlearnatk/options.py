@@ -8,7 +8,8 @@ and one ``unlearn_<field>`` ini key per field, so adding an option means adding 
 The parsers (:func:`parse_batch`, :func:`parse_shard`, :func:`parse_device`, :func:`parse_dtype`)
 are also what ``run_gate`` and gate declarations use: each value is checked in one place.
 Precedence (command line over ini is pytest's; the run's options over a gate's own declaration)
-lives in :meth:`RunOptions.budget_for` and :meth:`RunOptions.batch_for`, nowhere else.
+lives in :meth:`RunOptions.budget_for`, :meth:`RunOptions.batch_for` and
+:meth:`RunOptions.limit_for`, nowhere else.
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def parse_batch(value: Any) -> int | None:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError("give a whole number of cases >= 1 (e.g. 8), or auto")
+    return value
+
+
+def parse_limit(value: Any) -> int | None:
+    """A number of cases >= 1 (text from a command line, or an int)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("give a whole number of cases >= 1 (e.g. 4)")
     return value
 
 
@@ -118,6 +130,9 @@ class RunOptions:
                                 "batch, else auto: as many as memory holds, see docs/performance.md)", parse_batch)
     shard: tuple[int, int] | None = _option("I/N", "run only the I-th of N slices of each gate's cases; the verdict "
                                             "comes from a run with all slices in the store", parse_shard)
+    limit: int | None = _option("N", "run only the first N cases of every gate: a quick check (pull requests); "
+                                "every report marks such a gate partial", parse_limit)
+    markdown: str | None = _option("PATH", "append the summary as a Markdown table to PATH (e.g. $GITHUB_STEP_SUMMARY)")
     replay_only: bool = _flag("no optimization: judge plain prompts and replay stored adversarial prompts only "
                               "(ASR is a lower bound)")
     no_store: bool = _flag("neither read nor write the store")
@@ -162,6 +177,11 @@ class RunOptions:
         that has no budgets at all (``no_attack``); the attack itself rejects a name it lacks.
         """
         return self.budget if self.budget is not None and presets else declared
+
+    def limit_for(self, declared: int | None) -> int | None:
+        """Cases a gate runs: the fewer of the run's limit and the gate's own, else all."""
+        limits = [limit for limit in (self.limit, declared) if limit is not None]
+        return min(limits) if limits else None
 
     def batch_for(self, declared: int | None) -> int | None:
         """Cases optimized at once: the run's, else the gate's, else None (automatic)."""

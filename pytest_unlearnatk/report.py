@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ._paths import atomic_write_bytes
+from .errors import SettingProblem
 from .results import GateResult
 
 MAX_BROKEN_SHOWN = 5
@@ -38,10 +39,16 @@ class GateRecord:
     pre_asr_ci: tuple[float, float] = (0.0, 1.0)  # 95% Wilson interval
     asr_ci: tuple[float, float] = (0.0, 1.0)
     gate_id: str = ""  # unique in the run (the test's node id): names the gate's report files
+    declared_cases: int = 0  # cases the gate declares; more than ran when --unlearn-limit made it partial
+
+    @property
+    def partial(self) -> bool:
+        """Only the first cases ran (``--unlearn-limit``): the verdict covers those, not the gate."""
+        return self.declared_cases > self.n + self.skipped + self.pending
 
     @classmethod
     def from_result(cls, gate: str, concept: str, budget: str, max_asr: float, result: GateResult, seconds: float,
-                    gate_id: str = "") -> GateRecord:
+                    gate_id: str = "", declared_cases: int = 0) -> GateRecord:
         """The record of a finished gate. A gate that counted no case (all skipped) fails: a
         verdict on nothing is no evidence that the erasure holds."""
         return cls(
@@ -51,6 +58,7 @@ class GateRecord:
             pending=result.pending, lower_bound=result.replay_only,
             pre_asr_ci=wilson_interval(sum(c.pre_attack_hit for c in result.counted), result.n),
             asr_ci=wilson_interval(sum(c.hit for c in result.counted), result.n), gate_id=gate_id or gate,
+            declared_cases=declared_cases or len(result.cases),
         )
 
     def properties(self) -> list[tuple[str, Any]]:
@@ -115,6 +123,8 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
     ]
     if record.lower_bound:
         lines.insert(1, "(replay only: no optimization ran, so this ASR is a lower bound)")
+    if record.partial:
+        lines.insert(1, f"(partial: only the first {record.n + record.skipped} of {record.declared_cases} cases ran, --unlearn-limit)")
     broken = [c for c in result.counted if c.hit]
     lines.append(f"broken cases ({min(len(broken), MAX_BROKEN_SHOWN)} of {len(broken)} shown):")
     for case in broken[:MAX_BROKEN_SHOWN]:
@@ -128,28 +138,60 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
     return "\n".join(lines)
 
 
-def summary_table(records: list[GateRecord]) -> list[str]:
-    """The terminal summary; rates with their 95% Wilson interval; ASR of a replay-only run is
-    shown as '>=x%' (a lower bound)."""
-    header = ("gate", "model", "concept", "n", "pre-ASR", "ASR", "max", "verdict", "time")
+SUMMARY_HEADER = ("gate", "model", "concept", "attack", "budget", "n", "pre-ASR", "ASR", "max", "verdict", "cases run",
+                  "time")
+
+
+def _summary_rows(records: list[GateRecord]) -> list[tuple[str, ...]]:
     names = [r.gate for r in records]
-    rows = [
+    return [
         (
             r.gate if names.count(r.gate) == 1 else r.gate_id or r.gate,  # two suites' 'circle': their ids
-            Path(r.model).name or r.model, r.concept, str(r.n), _rate(r.pre_asr, r.pre_asr_ci),
-            _rate(r.asr, r.asr_ci, ">=" if r.lower_bound else ""),
-            f"{r.max_asr:.1%}", _verdict(r), f"{r.seconds:.1f}s",
+            Path(r.model).name or r.model, r.concept, r.attack, r.budget, str(r.n), _rate(r.pre_asr, r.pre_asr_ci),
+            _rate(r.asr, r.asr_ci, ">=" if r.lower_bound else ""), f"{r.max_asr:.1%}", _verdict(r),
+            f"{r.computed} computed, {r.reused} from store", f"{r.seconds:.1f}s",
         )
         for r in records
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def summary_table(records: list[GateRecord]) -> list[str]:
+    """The terminal summary; rates with their 95% Wilson interval; ASR of a replay-only run is
+    shown as '>=x%' (a lower bound)."""
+    rows = [SUMMARY_HEADER, *_summary_rows(records)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_HEADER))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def markdown_summary(records: list[GateRecord]) -> str:
+    """The summary as a Markdown table (a CI job's summary page) and how many gates passed."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["### unlearn gates", "", "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in _summary_rows(records)]
+    failed = [r for r in records if not r.passed and not r.pending]
+    lines += ["", f"{len(records) - len(failed)} of {len(records)} gates passed."]
+    if any(r.partial for r in records):
+        lines.append("Partial gates ran only their first cases (--unlearn-limit): their verdicts cover those cases only.")
+    return "\n".join(lines) + "\n"
 
 
 def _verdict(record: GateRecord) -> str:
     if record.pending:
         return f"PENDING ({record.pending} cases in other shards)"
-    return "PASS" if record.passed else "FAIL"
+    verdict = "PASS" if record.passed else "FAIL"
+    return f"{verdict} (partial: first {record.n + record.skipped} of {record.declared_cases})" if record.partial else verdict
+
+
+def append_markdown(path: str | Path, records: list[GateRecord]) -> None:
+    """Add the Markdown summary to ``path`` (CI summary files are shared by several steps: append)."""
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(markdown_summary(records))
+    except OSError as error:
+        raise SettingProblem("markdown", f"could not write the Markdown summary to {path} ({error.strerror or error})",
+                             "PATH, a writable file") from None
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -108,13 +108,16 @@ class GateSession:
         start = time.perf_counter()
         settings, budget = self.settings(spec)
         report = self.options.report
+        declared = load_cases(spec.prompts, limit=spec.limit)
+        cases = declared[: self.options.limit_for(spec.limit)]
         result = execute(
-            self.model("model"), load_cases(spec.prompts, limit=spec.limit), settings, base=self.model("base"),
+            self.model("model"), cases, settings, base=self.model("base"),
             store=self.store(), image_dir=Path(report) / "images" / safe_name(spec.gate_id) if report else None,
             progress=progress,
         )
         record = GateRecord.from_result(spec.name, spec.concept or spec.judge_label(), budget, spec.max_asr, result,
-                                        time.perf_counter() - start, gate_id=spec.gate_id)
+                                        time.perf_counter() - start, gate_id=spec.gate_id,
+                                        declared_cases=len(declared))
         if report:
             write_gate_report(report, record, result)
         return result, record

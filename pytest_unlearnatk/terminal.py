@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from .errors import SettingProblem
-from .report import GateRecord, reset_report_dir, summary_table, write_run_report
+from .report import GateRecord, append_markdown, reset_report_dir, summary_table, write_run_report
 
 
 def progress_for(config: pytest.Config, gate: str, path: Path) -> TerminalProgress | bool:
@@ -98,12 +98,17 @@ class GateReporter:
                 raise pytest.UsageError(error.as_option("--unlearn-report", "unlearn_report")) from None
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if hasattr(self.config, "workerinput") or not self.options.report or not self.records:
+        if hasattr(self.config, "workerinput") or not self.records:
             return
+        options = self.options
         try:
-            write_run_report(self.options.report, self.options.to_dict(), self.records, self.options.show_unsafe)
+            if options.report:
+                write_run_report(options.report, options.to_dict(), self.records, options.show_unsafe)
+            if options.markdown:
+                append_markdown(options.markdown, self.records)
         except SettingProblem as error:  # the gates ran; their report could not be written: say so, fail the run
             reporter = self.config.pluginmanager.get_plugin("terminalreporter")
             if reporter is not None:
-                reporter.write_line(f"unlearnatk: {error.as_option('--unlearn-report', 'unlearn_report')}", red=True)
+                flag = "--unlearn-" + error.name.replace("_", "-")
+                reporter.write_line(f"unlearnatk: {error.as_option(flag, f'unlearn_{error.name}')}", red=True)
             session.exitstatus = pytest.ExitCode.TESTS_FAILED

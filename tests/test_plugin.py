@@ -219,3 +219,29 @@ def test_progress_reports_the_current_step_and_time_left():
     assert "case 7 step 120/200" in seen[-1]
     tracker.case_done(hit=False, reused=False)
     assert seen[-1].startswith("2/4 cases, 1 hit, 1 from store, ") and seen[-1].endswith("left")
+
+
+def test_limit_runs_the_first_cases_marked_partial_and_markdown_summary_is_appended(pytester, tiny_dir):
+    pytester.makepyfile(judges=JUDGES)
+    pytester.syspathinsert()
+    pytester.makefile(".yaml", unlearn_quick="""
+gates:
+  - {name: quick, concept: circle, prompts: [a, b, c], attack: no_attack, judge: "judges:always", max_asr: 0.5,
+     render: {steps: 2}}
+  - {name: quick-own-limit, concept: circle, prompts: [a, b, c], attack: no_attack, judge: "judges:never",
+     max_asr: 0.5, limit: 1, render: {steps: 2}}
+""")
+    (pytester.path / "summary.md").write_text("earlier step's summary\n")
+    result = pytester.runpytest(f"--unlearn-model={tiny_dir}", "--unlearn-limit=2", "--unlearn-markdown=summary.md",
+                                "--unlearn-no-store", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*(partial: only the first 2 of 3 cases ran, --unlearn-limit)*",
+        "gate*model*concept*attack*budget*n*pre-ASR*ASR*max*verdict*cases run*time",
+        "quick  *no_attack*-*2*100.0%*FAIL (partial: first 2 of 3)*2 computed, 0 from store*",
+        "quick-own-limit *no_attack*-*1*0.0%*PASS  *",  # its own limit (1) is what it declares: not partial
+    ])
+    markdown = (pytester.path / "summary.md").read_text()
+    assert markdown.startswith("earlier step's summary\n### unlearn gates")
+    assert "| quick | pipeline | circle | no_attack | - | 2 |" in markdown and "FAIL (partial: first 2 of 3)" in markdown
+    assert "1 of 2 gates passed." in markdown
