@@ -168,13 +168,13 @@ def execute(
     if base is None and settings.target_dir is None and model.base is not None:
         # a weights file (or a registered unlearned model) names the model it came from: it renders the targets
         base = LazyModel(model.base, device=model.device, dtype=model.dtype)
-    run = _GateRun(model=model, settings=settings, base=base, store=store,
-                   images=ImageFiles(image_dir) if image_dir else None)
     case_list = load_cases(cases)  # a file, a registered set, or prompts / Case objects: all checked
     if progress is None:
         progress = sys.stderr.isatty()
     sink = TqdmSink(len(case_list), f"{settings.attack_name} {model.name}") if progress is True else progress or None
     tracker = ProgressTracker(len(case_list), sink)
+    run = _GateRun(model=model, settings=settings, base=base, store=store,
+                   images=ImageFiles(image_dir) if image_dir else None, on_setup=tracker.exclude)
     results: dict[int, CaseResult] = {}
     reused = 0
 
@@ -219,8 +219,9 @@ class _GateRun:
     """One gate's run: its settings and the model-side objects, built only when a case needs model work."""
 
     def __init__(self, *, model: Model, settings: GateSettings, base: Model | None, store: Store | None,
-                 images: ImageFiles | None) -> None:
+                 images: ImageFiles | None, on_setup: Callable[[float], None] = lambda seconds: None) -> None:
         self.model, self.settings, self.base, self.store, self.images = model, settings, base, store, images
+        self.on_setup = on_setup  # told how long loading the model took (progress leaves it out of the ETA)
         self.attack, self.judge = settings.attack, settings.judge
         model.fingerprint  # noqa: B018 (a model that cannot be found says so first, before anything it lacks)
         if not settings.replay_only and self.attack.needs_target and settings.target_dir is None and base is None:
@@ -258,7 +259,10 @@ class _GateRun:
 
     @functools.cached_property
     def loaded(self) -> LoadedModel:
-        return self.model.load() if isinstance(self.model, LazyModel) else self.model
+        started = time.perf_counter()
+        loaded = self.model.load() if isinstance(self.model, LazyModel) else self.model
+        self.on_setup(time.perf_counter() - started)
+        return loaded
 
     @functools.cached_property
     def layout(self) -> TokenLayout:

@@ -6,9 +6,11 @@ fails with the numbers of missing and unexpected keys and a few examples; nothin
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +232,7 @@ class LazyModel:
         self.base = base if base is not None else default_base(source)
         self._fingerprint: str | None = None
         self._loaded: LoadedModel | None = None
+        self._failure: UnlearnAtkError | None = None
 
     @property
     def name(self) -> str:
@@ -246,8 +249,16 @@ class LazyModel:
         return self._loaded is not None
 
     def load(self) -> LoadedModel:
+        """The loaded model. Loading is tried once: after a failure, every later use raises at once
+        (the first error told the cause; the next gates need not try again, nor repeat it)."""
+        if self._failure is not None:
+            raise UnlearnAtkError(f"{self.source} could not be loaded (see the first error about it in this run)")
         if self._loaded is None:
-            self._loaded = load_pipeline(self.source, base=self.base, device=self.device, dtype=self.dtype)
+            try:
+                self._loaded = load_pipeline(self.source, base=self.base, device=self.device, dtype=self.dtype)
+            except UnlearnAtkError as error:
+                self._failure = error
+                raise
         return self._loaded
 
 
@@ -273,13 +284,31 @@ def _from_pretrained(directory: Path, dtype: str) -> Any:
             "pass a directory written by save_pretrained, a hub id, or a weights file with a base"
         )
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            directory, dtype=getattr(torch, dtype), safety_checker=None, requires_safety_checker=False
-        )
+        with _library_progress_bars_off():
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                directory, dtype=getattr(torch, dtype), safety_checker=None, requires_safety_checker=False
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise UnlearnAtkError(f"{directory}: could not load it as a Stable Diffusion pipeline: {exc}") from exc
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@contextlib.contextmanager
+def _library_progress_bars_off() -> Iterator[None]:
+    """No "Loading pipeline components" / "Loading weights" bars from diffusers and transformers
+    while we load (they fill captured test output); their settings are restored afterwards."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for library in libraries:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library in libraries:
+            library.enable_progress_bar()
 
 
 # --- weights files ---------------------------------------------------------------------------

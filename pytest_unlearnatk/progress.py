@@ -68,6 +68,11 @@ class ProgressTracker:
         self.state = GateProgress(total=total)
         self.started = time.perf_counter()
         self.computed = 0
+        self.setup_s = 0.0  # loading models: not a rate of cases, so left out of the time left
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on one-off setup (loading a model), which the ETA must not spread over cases."""
+        self.setup_s += seconds
 
     def case_done(self, hit: bool, reused: bool) -> None:
         state = self.state
@@ -85,7 +90,8 @@ class ProgressTracker:
         state = self.state
         state.elapsed_s = time.perf_counter() - self.started
         left = state.total - state.done
-        state.eta_s = state.elapsed_s / self.computed * left if self.computed and left else None
+        working = max(state.elapsed_s - self.setup_s, 0.0)
+        state.eta_s = working / self.computed * left if self.computed and left else None
         if left == 0:
             state.active = []
         if self.sink is not None:

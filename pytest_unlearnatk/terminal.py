@@ -20,11 +20,12 @@ from .report import GateRecord, append_markdown, reset_report_dir, summary_table
 
 
 def progress_for(config: pytest.Config, gate: str, path: Path) -> TerminalProgress | bool:
-    """Live progress on a terminal; none under -q, on a pipe or file, or on xdist workers."""
+    """Live progress: a self-rewriting line on a terminal, plain lines when the output is piped
+    (CI logs); none under -q or on xdist workers (their output is not shown while they run)."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if hasattr(config, "workerinput") or config.get_verbosity() < 0 or reporter is None or not reporter.isatty():
+    if hasattr(config, "workerinput") or config.get_verbosity() < 0 or reporter is None:
         return False
-    return TerminalProgress(config, reporter, gate, path)
+    return (TerminalProgress if reporter.isatty() else PlainProgress)(config, reporter, gate, path)
 
 
 class TerminalProgress:
@@ -60,6 +61,34 @@ class TerminalProgress:
             if finished and not self.verbose:
                 # pytest only appends the outcome letter: give it back its file prefix on a new line
                 self.writer.line()
+                self.writer.write(os.path.relpath(self.path, self.reporter.startpath) + " ")
+                self.reporter.currentfspath = self.path
+            self.writer.flush()
+
+
+class PlainProgress(TerminalProgress):
+    """Progress for logs (output piped, as on CI runners): whole lines, no carriage returns. A line
+    when a case finishes (at most one a second), else one every 30 s, and one when the gate ends."""
+
+    EVERY_S = 30.0
+    AT_MOST_EVERY_S = 1.0
+
+    def __init__(self, config: pytest.Config, reporter: Any, gate: str, path: Path) -> None:
+        super().__init__(config, reporter, gate, path)
+        self.last_draw = time.monotonic()  # the first line comes with the first finished case, or after 30 s
+        self.last_done = 0
+
+    def __call__(self, progress: Any) -> None:
+        now = time.monotonic()
+        finished = progress.done == progress.total
+        case_done = progress.done != self.last_done and now - self.last_draw >= self.AT_MOST_EVERY_S
+        if not (finished or case_done or now - self.last_draw >= self.EVERY_S):
+            return
+        self.last_draw, self.last_done = now, progress.done
+        with self.capture.global_and_fixture_disabled() if self.capture else contextlib.nullcontext():
+            self.reporter.ensure_newline()
+            self.reporter.write_line(f"[unlearn] {self.gate}: {progress.line()}")
+            if finished and not self.verbose:
                 self.writer.write(os.path.relpath(self.path, self.reporter.startpath) + " ")
                 self.reporter.currentfspath = self.path
             self.writer.flush()

@@ -484,3 +484,14 @@ def test_a_report_directory_that_is_a_file_is_a_usage_error(pytester, tiny_dir):
     result = pytester.runpytest(f"--unlearn-model={tiny_dir}", f"--unlearn-report={pytester.path / 'report'}")
     result.stderr.fnmatch_lines([("*could not write the report in *report (it is a file, not a directory): "
                                   "pass --unlearn-report=DIR, a writable directory*")])
+
+
+def test_a_model_that_fails_to_load_is_tried_once_per_run(tmp_path):
+    from pytest_unlearnatk import LazyModel
+
+    (tmp_path / "broken").mkdir()
+    model = LazyModel(str(tmp_path / "broken"), device="cpu")
+    with pytest.raises(UnlearnAtkError, match="has no model_index.json"):
+        model.load()
+    with pytest.raises(UnlearnAtkError, match=r"could not be loaded \(see the first error about it in this run\)"):
+        model.load()

@@ -208,6 +208,24 @@ gates:
     result.stdout.fnmatch_lines(["*unlearn gates*", "slow*PASS*"])
 
 
+def test_plain_progress_lines_when_the_output_is_piped(pytester, gate_args):
+    """On a CI runner the output is a pipe: whole lines (no carriage returns), one as cases
+    finish and one when the gate ends, and pytest's own output stays intact."""
+    pytester.makepyfile(judges=JUDGES)
+    pytester.makefile(".yaml", unlearn_progress="""
+gates:
+  - {name: slow, concept: circle, prompts: [a red circle, a red ball, a round thing], judge: 'judges:never',
+     max_asr: 0.5, budget: smoke, batch: 1}
+""")
+    result = pytester.runpytest_subprocess(*gate_args, timeout=300)
+    result.assert_outcomes(passed=1)
+    assert "\r" not in result.stdout.str()
+    drawn = [line for line in result.outlines if line.startswith("[unlearn] slow: ")]
+    assert drawn and drawn[-1].startswith("[unlearn] slow: 3/3 cases, 0 hits, ")
+    outcome = result.outlines[result.outlines.index(drawn[-1]) + 1]
+    assert outcome.startswith("unlearn_progress.yaml") and "." in outcome
+
+
 def test_progress_reports_the_current_step_and_time_left():
     from pytest_unlearnatk.progress import ProgressTracker
 
@@ -219,6 +237,22 @@ def test_progress_reports_the_current_step_and_time_left():
     assert "case 7 step 120/200" in seen[-1]
     tracker.case_done(hit=False, reused=False)
     assert seen[-1].startswith("2/4 cases, 1 hit, 1 from store, ") and seen[-1].endswith("left")
+
+
+def test_time_left_leaves_model_loading_out(monkeypatch):
+    """A gate that spends 100 s loading its model and 10 s on its first case has ~30 s left for
+    three more cases, not ~330 s (the ETA swung that way before)."""
+    import pytest_unlearnatk.progress as progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    snapshots = []
+    tracker = progress.ProgressTracker(total=4, sink=snapshots.append)
+    now[0] = 100.0
+    tracker.exclude(100.0)  # the model loaded
+    now[0] = 110.0
+    tracker.case_done(hit=False, reused=False)
+    assert snapshots[-1].eta_s == pytest.approx(30.0)
 
 
 def test_limit_runs_the_first_cases_marked_partial_and_markdown_summary_is_appended(pytester, tiny_dir):
