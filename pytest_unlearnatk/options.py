@@ -38,26 +38,25 @@ class OptionError(ValueError):
 # --- parsers: raw text (or an already typed value) -> the checked value; ValueError says the fix ---
 
 
-def parse_batch(value: Any) -> int | None:
-    """Cases optimized at once: a whole number >= 1, or ``auto``/None (decided from free memory)."""
-    if value is None or (isinstance(value, str) and value.strip() == "auto"):
-        return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("give a whole number of cases >= 1 (e.g. 8), or auto")
-    return value
-
-
 def parse_limit(value: Any) -> int | None:
-    """A number of cases >= 1 (text from a command line, or an int)."""
+    """A number of cases >= 1 (text from a command line, or an int); None stays None."""
     if value is None:
         return None
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("give a whole number of cases >= 1 (e.g. 4)")
+        raise ValueError("give a whole number of cases >= 1 (e.g. 8)")
     return value
+
+
+def parse_batch(value: Any) -> int | None:
+    """Cases optimized at once: a whole number >= 1, or ``auto``/None (decided from free memory)."""
+    if isinstance(value, str) and value.strip() == "auto":
+        return None
+    try:
+        return parse_limit(value)
+    except ValueError:
+        raise ValueError("give a whole number of cases >= 1 (e.g. 8), or auto") from None
 
 
 def parse_shard(value: Any) -> tuple[int, int] | None:
