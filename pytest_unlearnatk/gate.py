@@ -58,6 +58,7 @@ class GateSettings:
     batch_size: int | None = None  # None: automatic
     compile_unet: bool = False
     target_dir: Path | None = None
+    stop_settled_at: float | None = None  # a max_asr: stop once the verdict against it cannot change
 
     @classmethod
     def build(
@@ -65,6 +66,7 @@ class GateSettings:
         attack_settings: dict[str, Any] | None = None, render: RenderSettings | None = None,
         long_prompts: str = "truncate", concept: str | None = None, replay_only: bool = False,
         shard: Any = None, batch_size: Any = None, compile_unet: bool = False, target_dir: str | Path | None = None,
+        stop_settled_at: float | None = None,
     ) -> GateSettings:
         """Check every value once; a wrong one raises :class:`UnlearnAtkError` naming it."""
         if long_prompts not in LONG_PROMPT_POLICIES:
@@ -76,11 +78,16 @@ class GateSettings:
             except ValueError as error:
                 raise UnlearnAtkError(f"{keyword}={value!r}: {error}") from None
         shard, batch_size = checked["shard"], checked["batch_size"]
+        if stop_settled_at is not None:
+            from .checks import finite
+
+            stop_settled_at = finite(stop_settled_at, "stop_settled_at (a max_asr)", 0.0, 1.0)
         judge = get_judge(judge)
         return cls(
             attack=get_attack(attack, budget, **(attack_settings or {})), judge=judge, render=render or RenderSettings(),
             long_prompts=long_prompts, concept=concept or judge.name, replay_only=replay_only, shard=shard,
             batch_size=batch_size, compile_unet=compile_unet, target_dir=Path(target_dir) if target_dir else None,
+            stop_settled_at=stop_settled_at,
         )
 
     @property
@@ -119,6 +126,7 @@ def run_gate(
     shard: tuple[int, int] | None = None,
     batch_size: int | str | None = "auto",
     compile_unet: bool = False,
+    stop_settled_at: float | None = None,
     **attack_settings: Any,
 ) -> GateResult:
     """Attack every case and return the gate's numbers.
@@ -144,13 +152,35 @@ def run_gate(
     judge's name). ``replay_only``: judge the plain prompt and replay stored prompts, never
     optimize (the ASR is then a lower bound). ``shard=(i, n)``: compute only the i-th of n slices
     of the cases; the others are reused from the store or reported as pending.
+    ``stop_settled_at=max_asr``: stop as soon as the verdict against ``max_asr`` can no longer
+    change (cases not run get ``status="stopped"``; ``GateResult.asr_range`` bounds the ASR).
     """
     settings = GateSettings.build(
         judge=judge, attack=attack, budget=budget, attack_settings=attack_settings, render=render,
         long_prompts=long_prompts, concept=concept, replay_only=replay_only, shard=shard, batch_size=batch_size,
-        compile_unet=compile_unet, target_dir=target_dir,
+        compile_unet=compile_unet, target_dir=target_dir, stop_settled_at=stop_settled_at,
     )
     return execute(model, cases, settings, base=base, store=store, image_dir=image_dir, progress=progress, on_case=on_case)
+
+
+def settled(finished: Iterable[CaseResult], total: int, max_asr: float | None) -> bool:
+    """Can the verdict against ``max_asr`` no longer change, whatever the unfinished cases give?
+
+    FAIL is settled when the hits already exceed ``max_asr`` even if every other case is counted
+    and resists; PASS when even all of them breaking keeps the ASR at or under it (and at least
+    one case counted). Skipped cases only shrink n, which cannot turn a settled FAIL into a PASS.
+    """
+    if max_asr is None:
+        return False
+    results = list(finished)
+    counted = [r for r in results if r.status == "done"]
+    hits = sum(r.hit for r in counted)
+    unknown = total - len(counted) - sum(r.status == "skipped" for r in results)
+    if unknown == 0:
+        return False  # nothing left to save: the gate is complete
+    fails_anyway = hits / (len(counted) + unknown) > max_asr
+    passes_anyway = bool(counted) and (hits + unknown) / (len(counted) + unknown) <= max_asr
+    return fails_anyway or passes_anyway
 
 
 def execute(
@@ -182,27 +212,36 @@ def execute(
         nonlocal reused
         results[index] = result
         reused += was_reused
-        tracker.case_done(result.hit, was_reused)
+        tracker.case_done(result.hit, was_reused, result.case.case_id)
         if on_case is not None:
             on_case(result)
 
     def jobs() -> Iterator[_GateJob]:
         """The cases that need the attack; every other case is finished on the way."""
         for index, case in enumerate(case_list):
+            if settled(results.values(), len(case_list), settings.stop_settled_at):
+                return
             job = run.begin(index, case)
             if isinstance(job, _GateJob):
                 yield job
             else:
                 finish(index, *job)
 
+    outcomes = settings.attack.run_many(jobs(), settings.batch_size, on_step=tracker.step,
+                                        compile_unet=settings.compile_unet, case_count=len(case_list))
     try:
-        for job, outcome in settings.attack.run_many(jobs(), settings.batch_size, on_step=tracker.step,
-                                                     compile_unet=settings.compile_unet, case_count=len(case_list)):
+        for job, outcome in outcomes:
             finish(job.index, run.complete(job, outcome), False)
+            if settled(results.values(), len(case_list), settings.stop_settled_at):
+                break
     except NonFiniteError as error:
         if error.model is not None:
             raise
         raise NonFiniteError(f"model {model.source}: {error}", model=model.source) from None
+    finally:
+        outcomes.close()  # a settled gate drops the cases in flight (nothing of theirs is stored)
+    for index, case in enumerate(case_list):
+        results.setdefault(index, CaseResult(case=case, attack=settings.attack_name, status="stopped"))
     return GateResult(
         attack=settings.attack_name,
         judge=settings.judge.name,

@@ -59,6 +59,17 @@ def parse_batch(value: Any) -> int | None:
         raise ValueError("give a whole number of cases >= 1 (e.g. 8), or auto") from None
 
 
+STOP_RULES = ("never", "settled")
+
+
+def parse_stop(value: Any) -> str:
+    """When a gate may stop early: ``never`` (default) or ``settled`` (once its verdict cannot change)."""
+    text = "never" if value is None else str(value).strip()
+    if text not in STOP_RULES:
+        raise ValueError(f"use one of {', '.join(STOP_RULES)}")
+    return text
+
+
 def parse_shard(value: Any) -> tuple[int, int] | None:
     """``"I/N"`` or ``(I, N)`` with 1 <= I <= N: the I-th of N slices of each gate's cases."""
     if value is None:
@@ -131,6 +142,8 @@ class RunOptions:
                                             "comes from a run with all slices in the store", parse_shard)
     limit: int | None = _option("N", "run only the first N cases of every gate: a quick check (pull requests); "
                                 "every report marks such a gate partial", parse_limit)
+    stop: str = _option("RULE", "settled: stop a gate as soon as its verdict can no longer change (the ASR is then "
+                        "a bound; the cases left are not run); never (default): run every case", parse_stop, "never")
     markdown: str | None = _option("PATH", "append the summary as a Markdown table to PATH (e.g. $GITHUB_STEP_SUMMARY)")
     replay_only: bool = _flag("no optimization: judge plain prompts and replay stored adversarial prompts only "
                               "(ASR is a lower bound)")

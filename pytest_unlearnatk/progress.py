@@ -74,12 +74,13 @@ class ProgressTracker:
         """Time spent on one-off setup (loading a model), which the ETA must not spread over cases."""
         self.setup_s += seconds
 
-    def case_done(self, hit: bool, reused: bool) -> None:
+    def case_done(self, hit: bool, reused: bool, case_id: str | None = None) -> None:
         state = self.state
         state.done += 1
         state.hits += hit
         state.reused += reused
         self.computed += not reused
+        state.active = [a for a in state.active if a.case_id != str(case_id)]  # it is no longer in flight
         self._emit()
 
     def step(self, active: list[tuple[Any, int, int]]) -> None:
@@ -91,7 +92,11 @@ class ProgressTracker:
         state.elapsed_s = time.perf_counter() - self.started
         left = state.total - state.done
         working = max(state.elapsed_s - self.setup_s, 0.0)
-        state.eta_s = working / self.computed * left if self.computed and left else None
+        # finished cases plus the finished share of those in flight: a batch of 8 ending together
+        # must not price the remaining cases at the whole batch's time each
+        done_work = self.computed + sum(a.step / a.max_steps for a in state.active if a.max_steps)
+        in_flight_done = done_work - self.computed
+        state.eta_s = working / done_work * max(left - in_flight_done, 0.0) if self.computed and left else None
         if left == 0:
             state.active = []
         if self.sink is not None:

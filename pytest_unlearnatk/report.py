@@ -40,11 +40,13 @@ class GateRecord:
     asr_ci: tuple[float, float] = (0.0, 1.0)
     gate_id: str = ""  # unique in the run (the test's node id): names the gate's report files
     declared_cases: int = 0  # cases the gate declares; more than ran when --unlearn-limit made it partial
+    stopped: int = 0  # cases not run: the verdict was settled before them (--unlearn-stop=settled)
+    asr_range: tuple[float, float] = (0.0, 1.0)  # what the ASR could be with the cases not run
 
     @property
     def partial(self) -> bool:
         """Only the first cases ran (``--unlearn-limit``): the verdict covers those, not the gate."""
-        return self.declared_cases > self.n + self.skipped + self.pending
+        return self.declared_cases > self.n + self.skipped + self.pending + self.stopped
 
     @classmethod
     def from_result(cls, gate: str, concept: str, budget: str, max_asr: float, result: GateResult, seconds: float,
@@ -58,7 +60,7 @@ class GateRecord:
             pending=result.pending, lower_bound=result.replay_only,
             pre_asr_ci=wilson_interval(sum(c.pre_attack_hit for c in result.counted), result.n),
             asr_ci=wilson_interval(sum(c.hit for c in result.counted), result.n), gate_id=gate_id or gate,
-            declared_cases=declared_cases or len(result.cases),
+            declared_cases=declared_cases or len(result.cases), stopped=result.stopped, asr_range=result.asr_range,
         )
 
     def properties(self) -> list[tuple[str, Any]]:
@@ -69,7 +71,7 @@ class GateRecord:
     def from_properties(cls, properties: list[tuple[str, Any]]) -> GateRecord | None:
         values = {k[len("unlearn_"):]: v for k, v in properties if k.startswith("unlearn_")}
         try:
-            return cls(**{k: tuple(v) if k.endswith("_ci") else v for k, v in values.items()})
+            return cls(**{k: tuple(v) if k.endswith(("_ci", "_range")) else v for k, v in values.items()})
         except TypeError:
             return None  # not a gate's test
 
@@ -125,6 +127,10 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
         lines.insert(1, "(replay only: no optimization ran, so this ASR is a lower bound)")
     if record.partial:
         lines.insert(1, f"(partial: only the first {record.n + record.skipped} of {record.declared_cases} cases ran, --unlearn-limit)")
+    if record.stopped:
+        low, high = record.asr_range
+        lines.insert(1, f"(settled early: {record.stopped} cases not run; with them the ASR would be {low:.1%}-{high:.1%}, "
+                        "above max_asr either way)")
     broken = [c for c in result.counted if c.hit]
     lines.append(f"broken cases ({min(len(broken), MAX_BROKEN_SHOWN)} of {len(broken)} shown):")
     for case in broken[:MAX_BROKEN_SHOWN]:
@@ -148,7 +154,8 @@ def _summary_rows(records: list[GateRecord]) -> list[tuple[str, ...]]:
         (
             r.gate if names.count(r.gate) == 1 else r.gate_id or r.gate,  # two suites' 'circle': their ids
             Path(r.model).name or r.model, r.concept, r.attack, r.budget, str(r.n), _rate(r.pre_asr, r.pre_asr_ci),
-            _rate(r.asr, r.asr_ci, ">=" if r.lower_bound else ""), f"{r.max_asr:.1%}", _verdict(r),
+            _rate(r.asr, r.asr_ci, ">=" if r.lower_bound else "") if not r.stopped
+            else f"{r.asr_range[0]:.1%}-{r.asr_range[1]:.1%} (settled)", f"{r.max_asr:.1%}", _verdict(r),
             f"{r.computed} computed, {r.reused} from store", f"{r.seconds:.1f}s",
         )
         for r in records
@@ -181,6 +188,8 @@ def _verdict(record: GateRecord) -> str:
     if record.pending:
         return f"PENDING ({record.pending} cases in other shards)"
     verdict = "PASS" if record.passed else "FAIL"
+    if record.stopped:
+        verdict += f" (settled, {record.stopped} not run)"
     return f"{verdict} (partial: first {record.n + record.skipped} of {record.declared_cases})" if record.partial else verdict
 
 

@@ -31,7 +31,8 @@ class CaseResult:
 
     case: Case
     attack: str
-    status: str = "done"  # "done", "skipped" (long-prompt policy) or "pending" (another shard's case)
+    status: str = "done"  # "done", "skipped" (long-prompt policy), "pending" (another shard's case) or
+    # "stopped" (not run: the gate's verdict was settled before it)
     skip_reason: str | None = None
     truncated: bool = False
     n_prompt_tokens: int = 0
@@ -125,8 +126,22 @@ class GateResult:
         return sum(c.status == "pending" for c in self.cases)
 
     @property
+    def stopped(self) -> int:
+        """Cases not run because the verdict was settled before them (``stop_settled_at``)."""
+        return sum(c.status == "stopped" for c in self.cases)
+
+    @property
+    def asr_range(self) -> tuple[float, float]:
+        """The lowest and highest ASR the cases not run (stopped, pending) could still give."""
+        unknown = self.stopped + self.pending
+        hits, n = sum(c.hit for c in self.counted), self.n
+        if n + unknown == 0:
+            return (0.0, 1.0)
+        return (hits / (n + unknown), (hits + unknown) / (n + unknown))
+
+    @property
     def computed(self) -> int:
-        return len(self.cases) - self.pending - self.reused
+        return len(self.cases) - self.pending - self.stopped - self.reused
 
     @property
     def pre_asr(self) -> float:

@@ -91,6 +91,7 @@ class GateSession:
             judge=spec.judge, attack=configure_attack(attack_class, budget, **spec.attack_settings),
             render=RenderSettings(**spec.render), concept=spec.concept, replay_only=options.replay_only,
             shard=options.shard, batch_size=options.batch_for(spec.batch), compile_unet=options.compile,
+            stop_settled_at=spec.max_asr if options.stop == "settled" else None,
         )
         return settings, (budget or attack_class.default_preset) if attack_class.presets else "-"
 

@@ -279,3 +279,58 @@ gates:
     assert markdown.startswith("earlier step's summary\n### unlearn gates")
     assert "| quick | pipeline | circle | no_attack | - | 2 |" in markdown and "FAIL (partial: first 2 of 3)" in markdown
     assert "1 of 2 gates passed." in markdown
+
+
+def test_settled_rule():
+    from pytest_unlearnatk import Case, CaseResult
+    from pytest_unlearnatk.gate import settled
+
+    def results(hits, misses, skipped=0):
+        made = [CaseResult(Case(str(i), "p"), "a", hit=True, hit_by="plain") for i in range(hits)]
+        made += [CaseResult(Case(str(i), "p"), "a") for i in range(misses)]
+        return made + [CaseResult(Case(str(i), "p"), "a", status="skipped") for i in range(skipped)]
+
+    assert not settled(results(2, 0), 10, 0.2)  # 2 of 10 is not above 20%
+    assert settled(results(3, 0), 10, 0.2)  # 3 of 10 is, whatever the other 7 do
+    assert not settled(results(0, 4), 10, 0.5)  # 6 more hits would make 60%
+    assert settled(results(0, 5), 10, 0.5)  # at most 5 of 10
+    assert not settled(results(1, 5, skipped=2), 10, 0.25)  # 2 unknown: the ASR could be 1/8 to 3/8
+    assert not settled(results(0, 0, skipped=4), 10, 0.5)  # nothing counted yet: PASS is never settled on nothing
+    assert not settled(results(3, 0), 10, None) and not settled(results(3, 7), 10, 0.2)  # off; complete
+
+
+def test_stop_settled_ends_gates_early_and_says_so(pytester, tiny_dir):
+    pytester.makepyfile(judges=JUDGES)
+    pytester.syspathinsert()
+    prompts = [f"thing {i}" for i in range(10)]
+    pytester.makefile(".yaml", unlearn_settle=f"""
+gates:
+  - {{name: breaks, concept: circle, prompts: {prompts}, attack: no_attack, judge: "judges:always", max_asr: 0.2,
+     render: {{steps: 2}}}}
+  - {{name: resists, concept: circle, prompts: {prompts}, attack: no_attack, judge: "judges:never", max_asr: 0.5,
+     render: {{steps: 2}}}}
+""")
+    result = pytester.runpytest(f"--unlearn-model={tiny_dir}", "--unlearn-stop=settled", "--unlearn-no-store",
+                                "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*(settled early: 7 cases not run; with them the ASR would be 30.0%-100.0%, above max_asr either way)*",
+        "breaks *3*30.0%-100.0% (settled)*FAIL (settled, 7 not run)*3 computed*",
+        "resists *5*0.0%-50.0% (settled)*PASS (settled, 5 not run)*5 computed*",
+    ])
+
+
+def test_time_left_counts_the_work_of_cases_in_flight(monkeypatch):
+    """A batch of 8 finishing together after 28 s: the first finished case must not price each
+    of the 47 others at 28 s (the ETA said ~22 min for a gate of ~2.5 min before)."""
+    import pytest_unlearnatk.progress as progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    snapshots = []
+    tracker = progress.ProgressTracker(total=48, sink=snapshots.append)
+    batch = [type("C", (), {"case_id": i})() for i in range(8)]
+    now[0] = 28.0
+    tracker.step([(case, 200, 200) for case in batch])
+    tracker.case_done(hit=False, reused=False, case_id="0")
+    assert snapshots[-1].eta_s == pytest.approx(28.0 / 8 * 40)
