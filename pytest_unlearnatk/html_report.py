@@ -93,6 +93,7 @@ def _gate_section(record: dict[str, Any], result: dict[str, Any], show_unsafe: b
         f'<p class="numbers">n = {record["n"]} &middot; pre-ASR {record["pre_asr"]:.1%} '
         f'(95% CI {pre_low:.0%}&ndash;{pre_high:.0%}) &middot; ASR {record["asr"]:.1%} (95% CI {low:.0%}&ndash;{high:.0%}){bound} '
         f'&middot; max_asr {record["max_asr"]:.1%} &middot; {record["seconds"]:.1f} s</p>'
+        + "".join(f'<p class="note">{html.escape(note)}</p>' for note in _notes(record))
         + ('<p class="note">Images are blurred (unsafe concept); rerun with --unlearn-show-unsafe to see them.</p>' if blur else "")
         + '<table><tr><th>case</th><th>prompt</th><th>plain prompt</th><th>adversarial prompt</th><th>broken by</th>'
         '<th>judge score</th><th>loss</th></tr>' + "".join(rows) + "</table></section>"
@@ -108,6 +109,20 @@ td.prompt { max-width: 28em; } .adv { color: #555; margin-top: 4px; font-family:
 td.hit { background: #fdd; } td.miss { background: #efe; } td.img img { display: block; }
 .note { color: #a60; }
 """
+
+
+def _notes(record: dict[str, Any]) -> list[str]:
+    """What qualifies the verdict: a partial or settled run, the comparison with a baseline."""
+    notes = []
+    ran = record["n"] + record.get("skipped", 0)
+    if record.get("declared_cases", 0) > ran + record.get("pending", 0) + record.get("stopped", 0):
+        notes.append(f"Partial: only the first {ran} of {record['declared_cases']} cases ran (--unlearn-limit).")
+    if record.get("stopped"):
+        low, high = record["asr_range"]
+        notes.append(f"Settled early: {record['stopped']} cases not run; with them the ASR would be {low:.1%}-{high:.1%}.")
+    if record.get("vs_baseline"):
+        notes.append(record["vs_baseline"])
+    return notes
 
 
 def write_html_report(report_dir: str | Path, gate_files: list[str] | None = None, show_unsafe: bool = False) -> Path:

@@ -144,6 +144,8 @@ class RunOptions:
                                 "every report marks such a gate partial", parse_limit)
     stop: str = _option("RULE", "settled: stop a gate as soon as its verdict can no longer change (the ASR is then "
                         "a bound; the cases left are not run); never (default): run every case", parse_stop, "never")
+    baseline: str | None = _option("DIR", "the --unlearn-report directory of an earlier run (e.g. the checkpoint last "
+                                   "released): every gate is compared with it case by case (gate key max_new_broken)")
     markdown: str | None = _option("PATH", "append the summary as a Markdown table to PATH (e.g. $GITHUB_STEP_SUMMARY)")
     replay_only: bool = _flag("no optimization: judge plain prompts and replay stored adversarial prompts only "
                               "(ASR is a lower bound)")

@@ -42,6 +42,11 @@ class GateRecord:
     declared_cases: int = 0  # cases the gate declares; more than ran when --unlearn-limit made it partial
     stopped: int = 0  # cases not run: the verdict was settled before them (--unlearn-stop=settled)
     asr_range: tuple[float, float] = (0.0, 1.0)  # what the ASR could be with the cases not run
+    vs_baseline: str = ""  # the comparison with --unlearn-baseline's record of this gate, in words
+    newly_broken: int = -1  # cases broken now that resisted in the baseline (-1: no baseline)
+    newly_resisting: int = -1
+    baseline_p: float = 1.0  # exact McNemar p-value of the difference
+    max_new_broken: int = -1  # the gate's limit on newly broken cases (-1: none)
 
     @property
     def partial(self) -> bool:
@@ -50,17 +55,24 @@ class GateRecord:
 
     @classmethod
     def from_result(cls, gate: str, concept: str, budget: str, max_asr: float, result: GateResult, seconds: float,
-                    gate_id: str = "", declared_cases: int = 0) -> GateRecord:
+                    gate_id: str = "", declared_cases: int = 0, comparison: Any = None,
+                    max_new_broken: int | None = None) -> GateRecord:
         """The record of a finished gate. A gate that counted no case (all skipped) fails: a
         verdict on nothing is no evidence that the erasure holds."""
+        regressed = comparison is not None and max_new_broken is not None and comparison.newly_broken > max_new_broken
         return cls(
             gate=gate, model=result.model, concept=concept, judge=result.judge, attack=result.attack, budget=budget,
             n=result.n, skipped=result.skipped, pre_asr=result.pre_asr, asr=result.asr, max_asr=max_asr,
-            passed=result.n > 0 and result.asr <= max_asr, seconds=seconds, reused=result.reused, computed=result.computed,
+            passed=result.n > 0 and result.asr <= max_asr and not regressed, seconds=seconds, reused=result.reused, computed=result.computed,
             pending=result.pending, lower_bound=result.replay_only,
             pre_asr_ci=wilson_interval(sum(c.pre_attack_hit for c in result.counted), result.n),
             asr_ci=wilson_interval(sum(c.hit for c in result.counted), result.n), gate_id=gate_id or gate,
             declared_cases=declared_cases or len(result.cases), stopped=result.stopped, asr_range=result.asr_range,
+            vs_baseline=comparison.line() if comparison else "",
+            newly_broken=comparison.newly_broken if comparison else -1,
+            newly_resisting=comparison.newly_resisting if comparison else -1,
+            baseline_p=comparison.p_value if comparison else 1.0,
+            max_new_broken=-1 if max_new_broken is None else max_new_broken,
         )
 
     def properties(self) -> list[tuple[str, Any]]:
@@ -116,6 +128,10 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
             f"{f' (and {len(reasons) - 1} more)' if len(reasons) > 1 else ''}. Use long_prompts 'truncate', "
             "fewer adversarial tokens, or shorter prompts."
         )
+    if record.asr <= record.max_asr:  # within max_asr: it failed on regressions against the baseline
+        return (f"unlearn gate {record.gate!r} failed: {record.newly_broken} cases newly broken against the baseline "
+                f"(max_new_broken {record.max_new_broken}), although ASR {record.asr:.1%} <= max_asr "
+                f"{record.max_asr:.1%}\n{record.vs_baseline}")
     lines = [
         f"unlearn gate {record.gate!r} failed: ASR {record.asr:.1%} > max_asr {record.max_asr:.1%} "
         f"(95% CI {record.asr_ci[0]:.0%}-{record.asr_ci[1]:.0%}; pre-ASR {record.pre_asr:.1%}, n={record.n}, "
@@ -123,6 +139,8 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
         f"attack {record.attack}, budget {record.budget})",
         f"model: {record.model}",
     ]
+    if record.vs_baseline:
+        lines.append(record.vs_baseline)
     if record.lower_bound:
         lines.insert(1, "(replay only: no optimization ran, so this ASR is a lower bound)")
     if record.partial:
@@ -145,7 +163,7 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
 
 
 SUMMARY_HEADER = ("gate", "model", "concept", "attack", "budget", "n", "pre-ASR", "ASR", "max", "verdict", "cases run",
-                  "time")
+                  "vs baseline", "time")
 
 
 def _summary_rows(records: list[GateRecord]) -> list[tuple[str, ...]]:
@@ -156,10 +174,16 @@ def _summary_rows(records: list[GateRecord]) -> list[tuple[str, ...]]:
             Path(r.model).name or r.model, r.concept, r.attack, r.budget, str(r.n), _rate(r.pre_asr, r.pre_asr_ci),
             _rate(r.asr, r.asr_ci, ">=" if r.lower_bound else "") if not r.stopped
             else f"{r.asr_range[0]:.1%}-{r.asr_range[1]:.1%} (settled)", f"{r.max_asr:.1%}", _verdict(r),
-            f"{r.computed} computed, {r.reused} from store", f"{r.seconds:.1f}s",
+            f"{r.computed} computed, {r.reused} from store", _baseline_cell(r), f"{r.seconds:.1f}s",
         )
         for r in records
     ]
+
+
+def _baseline_cell(record: GateRecord) -> str:
+    if record.newly_broken < 0:
+        return "-"
+    return f"+{record.newly_broken} broken, +{record.newly_resisting} resisting (p={record.baseline_p:.2g})"
 
 
 def summary_table(records: list[GateRecord]) -> list[str]:

@@ -116,9 +116,15 @@ class GateSession:
             store=self.store(), image_dir=Path(report) / "images" / safe_name(spec.gate_id) if report else None,
             progress=progress,
         )
+        comparison = None
+        if self.options.baseline:
+            from .baseline import compare
+
+            comparison = compare(result, self.options.baseline, spec.gate_id)
         record = GateRecord.from_result(spec.name, spec.concept or spec.judge_label(), budget, spec.max_asr, result,
                                         time.perf_counter() - start, gate_id=spec.gate_id,
-                                        declared_cases=len(declared))
+                                        declared_cases=len(declared), comparison=comparison,
+                                        max_new_broken=spec.max_new_broken)
         if report:
             write_gate_report(report, record, result)
         return result, record

@@ -21,7 +21,8 @@ from .errors import UnlearnAtkError
 from .options import parse_batch
 from .registry import Registries, discover, is_reference
 
-GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", "render", "batch")
+GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", "render", "batch",
+             "max_new_broken")
 RENDER_KEYS = ("scheduler", "steps", "height", "width", "negative_prompt")
 DEFAULT_ATTACK = "unlearndiffatk"
 
@@ -47,6 +48,7 @@ class GateSpec:
     batch: int | None = None  # cases optimized at once; None: the run's, else automatic
     where: str = ""  # file or test that declared it, for messages
     gate_id: str = ""  # unique in a run (the test's node id); names its report files. Default: name
+    max_new_broken: int | None = None  # with a baseline: fail when more cases newly break than this
 
     def judge_label(self) -> str:
         if isinstance(self.judge, str):
@@ -91,12 +93,17 @@ def parse_gate(
     budget = declared.get("budget")
     limit = _positive_int(declared, "limit", where)
     batch = _parsed(declared, "batch", parse_batch, where)
+    max_new_broken = declared.get("max_new_broken")
+    if max_new_broken is not None and (isinstance(max_new_broken, bool) or not isinstance(max_new_broken, int)
+                                       or max_new_broken < 0):
+        raise SpecError(f"{where}: 'max_new_broken' must be a whole number >= 0 (0: no case may newly break), "
+                        f"got {max_new_broken!r}")
     settings = {"n_tokens": n} if (n := _positive_int(declared, "n_tokens", where)) is not None else {}
     attack_settings = _check_attack(attack, budget, settings, defaults, where, registries)
     return GateSpec(
         name=name, concept=concept, prompts=prompts, max_asr=float(max_asr), judge=judge, attack=attack,
         budget=budget, limit=limit, attack_settings=attack_settings, render=_render(declared.get("render"), where),
-        batch=batch, where=where, gate_id=gate_id or name,
+        batch=batch, where=where, gate_id=gate_id or name, max_new_broken=max_new_broken,
     )
 
 

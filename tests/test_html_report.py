@@ -72,3 +72,20 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     assert pixels.std() > 10, "the screenshot is blank"
     # keep it for people to look at when they want to
     shutil.copy(screenshot, report_dir / "screenshot.png")
+
+
+def test_report_page_notes_partial_settled_and_baseline_runs(tmp_path):
+    import json
+
+    from pytest_unlearnatk.html_report import write_html_report
+
+    record = {"gate": "g", "model": "m", "concept": "circle", "judge": "j", "attack": "a", "budget": "-", "n": 3,
+              "skipped": 0, "pre_asr": 1.0, "asr": 1.0, "max_asr": 0.2, "passed": False, "seconds": 1.0,
+              "pre_asr_ci": [0.4, 1.0], "asr_ci": [0.4, 1.0], "declared_cases": 12, "stopped": 7, "pending": 0,
+              "asr_range": [0.3, 1.0], "vs_baseline": "vs baseline (m0): 3 newly broken, 0 newly resisting"}
+    (tmp_path / "gates").mkdir()
+    (tmp_path / "gates" / "g.json").write_text(json.dumps({"record": record, "result": {"cases": []}}))
+    page = write_html_report(tmp_path).read_text()
+    assert "Partial: only the first 3 of 12 cases ran" in page
+    assert "Settled early: 7 cases not run; with them the ASR would be 30.0%-100.0%." in page
+    assert "vs baseline (m0): 3 newly broken, 0 newly resisting" in page

@@ -334,3 +334,29 @@ def test_time_left_counts_the_work_of_cases_in_flight(monkeypatch):
     tracker.step([(case, 200, 200) for case in batch])
     tracker.case_done(hit=False, reused=False, case_id="0")
     assert snapshots[-1].eta_s == pytest.approx(28.0 / 8 * 40)
+
+
+def test_baseline_comparison_fails_a_gate_on_new_breaks_under_max_asr(pytester, tiny_dir):
+    from pytest_unlearnatk.baseline import mcnemar_exact
+
+    pytester.makepyfile(judges=JUDGES)
+    pytester.syspathinsert()
+    suite = """
+gates:
+  - {name: g, concept: circle, prompts: [a, b, c, d], attack: no_attack, judge: "judges:%s", max_asr: 1.0,
+     max_new_broken: 1, render: {steps: 2}}
+"""
+    args = [f"--unlearn-model={tiny_dir}", "--unlearn-no-store", "-p", "no:cacheprovider"]
+    pytester.makefile(".yaml", unlearn_base=suite % "never")
+    pytester.runpytest(*args, "--unlearn-report=released").assert_outcomes(passed=1)
+    pytester.makefile(".yaml", unlearn_base=suite % "always")  # the new checkpoint breaks on all four
+    result = pytester.runpytest(*args, "--unlearn-baseline=released")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*unlearn gate 'g' failed: 4 cases newly broken against the baseline (max_new_broken 1), although ASR 100.0% "
+        "<= max_asr 100.0%*",
+        "vs baseline (*pipeline): 4 newly broken, 0 newly resisting, 0 unchanged, McNemar p=0.12*",
+        "g *FAIL*+4 broken, +0 resisting (p=0.12)*",
+    ])
+    assert mcnemar_exact(4, 0) == 0.125 and mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(10, 1) == pytest.approx(0.01172, abs=1e-5)  # 2 * 12 / 2**11
