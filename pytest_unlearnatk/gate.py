@@ -204,7 +204,7 @@ def execute(
     sink = TqdmSink(len(case_list), f"{settings.attack_name} {model.name}") if progress is True else progress or None
     tracker = ProgressTracker(len(case_list), sink)
     run = _GateRun(model=model, settings=settings, base=base, store=store,
-                   images=ImageFiles(image_dir) if image_dir else None, on_setup=tracker.exclude)
+                   images=ImageFiles(image_dir) if image_dir else None, tracker=tracker)
     results: dict[int, CaseResult] = {}
     reused = 0
 
@@ -258,9 +258,9 @@ class _GateRun:
     """One gate's run: its settings and the model-side objects, built only when a case needs model work."""
 
     def __init__(self, *, model: Model, settings: GateSettings, base: Model | None, store: Store | None,
-                 images: ImageFiles | None, on_setup: Callable[[float], None] = lambda seconds: None) -> None:
+                 images: ImageFiles | None, tracker: ProgressTracker) -> None:
         self.model, self.settings, self.base, self.store, self.images = model, settings, base, store, images
-        self.on_setup = on_setup  # told how long loading the model took (progress leaves it out of the ETA)
+        self.tracker = tracker  # told what one-off work goes on (loading, targets), left out of the ETA
         self.attack, self.judge = settings.attack, settings.judge
         model.fingerprint  # noqa: B018 (a model that cannot be found says so first, before anything it lacks)
         if not settings.replay_only and self.attack.needs_target and settings.target_dir is None and base is None:
@@ -298,9 +298,13 @@ class _GateRun:
 
     @functools.cached_property
     def loaded(self) -> LoadedModel:
+        if not isinstance(self.model, LazyModel) or self.model.is_loaded:
+            return self.model.load() if isinstance(self.model, LazyModel) else self.model
         started = time.perf_counter()
-        loaded = self.model.load() if isinstance(self.model, LazyModel) else self.model
-        self.on_setup(time.perf_counter() - started)
+        self.tracker.set_phase(f"loading {self.model.source}")
+        loaded = self.model.load()
+        self.tracker.exclude(time.perf_counter() - started)
+        self.tracker.set_phase(None)
         return loaded
 
     @functools.cached_property
@@ -317,7 +321,16 @@ class _GateRun:
             return DirectoryTargets(self.settings.target_dir)
         if self.base is not None:
             # the base is loaded only if a target is missing from the cache (at the model's image size)
-            return RenderedTargets(self.base, self.renderer.settings)
+            rendered = RenderedTargets(self.base, self.renderer.settings)
+
+            def target(case: Case, prompt_ids: list[int]) -> Any:
+                self.tracker.set_phase(f"target image of case {case.case_id}")
+                try:
+                    return rendered(case, prompt_ids)
+                finally:
+                    self.tracker.set_phase(None)
+
+            return target
         return None
 
     @functools.cached_property

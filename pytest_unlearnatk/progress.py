@@ -31,6 +31,7 @@ class GateProgress:
     active: list[ActiveCase] = field(default_factory=list)  # cases being optimized now
     elapsed_s: float = 0.0
     eta_s: float | None = None  # None until a computed case has finished
+    phase: str | None = None  # one-off work going on now: "loading toy:erased", "target image of case 3"
 
     def line(self) -> str:
         """One short line, e.g. ``12/48 cases, 1 hit, case 13 step 120/200, 1m05s, ~4m30s left``."""
@@ -43,6 +44,8 @@ class GateProgress:
         elif self.active:
             steps = sorted(a.step for a in self.active)
             parts.append(f"{len(self.active)} cases at steps {steps[0]}-{steps[-1]}/{self.active[0].max_steps}")
+        if self.phase:
+            parts.append(self.phase)
         parts.append(format_seconds(self.elapsed_s))
         if self.eta_s is not None:
             parts.append(f"~{format_seconds(self.eta_s)} left")
@@ -69,6 +72,11 @@ class ProgressTracker:
         self.started = time.perf_counter()
         self.computed = 0
         self.setup_s = 0.0  # loading models: not a rate of cases, so left out of the time left
+
+    def set_phase(self, phase: str | None) -> None:
+        """Say what one-off work goes on now (None: it ended); shown in the progress line."""
+        self.state.phase = phase
+        self._emit()
 
     def exclude(self, seconds: float) -> None:
         """Time spent on one-off setup (loading a model), which the ETA must not spread over cases."""

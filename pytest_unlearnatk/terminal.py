@@ -68,23 +68,25 @@ class TerminalProgress:
 
 class PlainProgress(TerminalProgress):
     """Progress for logs (output piped, as on CI runners): whole lines, no carriage returns. A line
-    when a case finishes (at most one a second), else one every 30 s, and one when the gate ends."""
+    when a case finishes or one-off work starts (loading a model, rendering a target image), at
+    most one a second; else one every 30 s; and one when the gate ends."""
 
     EVERY_S = 30.0
     AT_MOST_EVERY_S = 1.0
 
     def __init__(self, config: pytest.Config, reporter: Any, gate: str, path: Path) -> None:
         super().__init__(config, reporter, gate, path)
-        self.last_draw = time.monotonic()  # the first line comes with the first finished case, or after 30 s
-        self.last_done = 0
+        self.last_draw = time.monotonic() - self.AT_MOST_EVERY_S  # the first news is shown at once
+        self.last_done, self.last_phase = 0, None
 
     def __call__(self, progress: Any) -> None:
         now = time.monotonic()
         finished = progress.done == progress.total
-        case_done = progress.done != self.last_done and now - self.last_draw >= self.AT_MOST_EVERY_S
-        if not (finished or case_done or now - self.last_draw >= self.EVERY_S):
+        news = progress.done != self.last_done or (progress.phase and progress.phase != self.last_phase)
+        waited = now - self.last_draw
+        if not (finished or (news and waited >= self.AT_MOST_EVERY_S) or waited >= self.EVERY_S):
             return
-        self.last_draw, self.last_done = now, progress.done
+        self.last_draw, self.last_done, self.last_phase = now, progress.done, progress.phase
         with self.capture.global_and_fixture_disabled() if self.capture else contextlib.nullcontext():
             self.reporter.ensure_newline()
             self.reporter.write_line(f"[unlearn] {self.gate}: {progress.line()}")

@@ -222,6 +222,8 @@ gates:
     assert "\r" not in result.stdout.str()
     drawn = [line for line in result.outlines if line.startswith("[unlearn] slow: ")]
     assert drawn and drawn[-1].startswith("[unlearn] slow: 3/3 cases, 0 hits, ")
+    assert any(", loading " in line for line in drawn)  # the model loads inside the gate: said so
+    assert any(", target image of case " in line for line in drawn)
     outcome = result.outlines[result.outlines.index(drawn[-1]) + 1]
     assert outcome.startswith("unlearn_progress.yaml") and "." in outcome
 
@@ -318,6 +320,17 @@ gates:
         "breaks *3*30.0%-100.0% (settled)*FAIL (settled, 7 not run)*3 computed*",
         "resists *5*0.0%-50.0% (settled)*PASS (settled, 5 not run)*5 computed*",
     ])
+
+
+def test_progress_says_what_one_off_work_goes_on():
+    from pytest_unlearnatk.progress import ProgressTracker
+
+    seen = []
+    tracker = ProgressTracker(total=3, sink=lambda p: seen.append(p.line()))
+    tracker.set_phase("loading toy:erased")
+    assert seen[-1].startswith("0/3 cases, 0 hits, loading toy:erased, ")
+    tracker.set_phase(None)
+    assert "loading" not in seen[-1]
 
 
 def test_time_left_counts_the_work_of_cases_in_flight(monkeypatch):
