@@ -298,8 +298,10 @@ class _GateRun:
 
     @functools.cached_property
     def loaded(self) -> LoadedModel:
-        if not isinstance(self.model, LazyModel) or self.model.is_loaded:
-            return self.model.load() if isinstance(self.model, LazyModel) else self.model
+        if isinstance(self.model, LoadedModel):
+            return self.model
+        if self.model.is_loaded:
+            return self.model.load()
         started = time.perf_counter()
         self.tracker.set_phase(f"loading {self.model.source}")
         loaded = self.model.load()

@@ -162,8 +162,6 @@ def _load(source: str, *, base: str | None, device: str | None, dtype: str | Non
         if base is None:
             raise _needs_base(path)
         base_source = str(base)
-        if Path(base_source).expanduser().is_file():
-            raise UnlearnAtkError(f"base {base_source} is a file; the base must be a pipeline directory or a hub id")
         pipeline, base_fingerprint = _load_pipeline_directory(base_source, dtype)
         replaced = apply_weights_file(pipeline, path, component=component)
         pipeline.to(device)

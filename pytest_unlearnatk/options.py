@@ -59,6 +59,16 @@ def parse_batch(value: Any) -> int | None:
         raise ValueError("give a whole number of cases >= 1 (e.g. 8), or auto") from None
 
 
+def parse_report_dir(value: Any) -> str | None:
+    """An earlier run's report directory (it holds ``gates/``, written by ``--unlearn-report``)."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if not (path / "gates").is_dir():
+        raise ValueError(f"{path} holds no gates/ folder: give the report directory an earlier run wrote")
+    return str(path.resolve())
+
+
 STOP_RULES = ("never", "settled")
 
 
@@ -145,7 +155,8 @@ class RunOptions:
     stop: str = _option("RULE", "settled: stop a gate as soon as its verdict can no longer change (the ASR is then "
                         "a bound; the cases left are not run); never (default): run every case", parse_stop, "never")
     baseline: str | None = _option("DIR", "the --unlearn-report directory of an earlier run (e.g. the checkpoint last "
-                                   "released): every gate is compared with it case by case (gate key max_new_broken)")
+                                   "released): every gate is compared with it case by case (gate key max_new_broken)",
+                                   parse_report_dir)
     markdown: str | None = _option("PATH", "append the summary as a Markdown table to PATH (e.g. $GITHUB_STEP_SUMMARY)")
     replay_only: bool = _flag("no optimization: judge plain prompts and replay stored adversarial prompts only "
                               "(ASR is a lower bound)")
@@ -174,6 +185,9 @@ class RunOptions:
             raise OptionError(("no_store", "store_readonly"), True, "contradict each other; pick one")
         if values["no_store"] and values["shard"]:
             raise OptionError(("shard", "no_store"), values["shard"], "shards meet in the store; drop the one without a store")
+        if values["baseline"] and values["report"] and Path(values["report"]).expanduser().resolve() == Path(values["baseline"]):
+            raise OptionError(("report", "baseline"), values["report"],
+                              "are the same directory: this run's report would replace the baseline; use another one")
         values["store"] = str(Path(values["store"] or root / ".unlearnatk").expanduser().resolve())
         return cls(**values)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,9 @@ class GateSession:
             from .baseline import compare
 
             comparison = compare(result, self.options.baseline, spec.gate_id)
+            if comparison is None:
+                warnings.warn(f"unlearn gate {spec.name!r} has no record in the baseline {self.options.baseline}: "
+                              "not compared (max_new_broken is not checked for it)", UserWarning, stacklevel=2)
         record = GateRecord.from_result(spec.name, spec.concept or spec.judge_label(), budget, spec.max_asr, result,
                                         time.perf_counter() - start, gate_id=spec.gate_id,
                                         declared_cases=len(declared), comparison=comparison,

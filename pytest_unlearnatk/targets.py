@@ -12,6 +12,7 @@ import functools
 import hashlib
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -108,5 +109,9 @@ class RenderedTargets:
         image = self._renderer.render(prompt_ids, case.seed, case.guidance)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        atomic_write_bytes(path, buffer.getvalue())
+        try:
+            atomic_write_bytes(path, buffer.getvalue())
+        except OSError as error:  # a cache that cannot be written costs a re-render next time, not the gate
+            warnings.warn(f"target image cache {self.directory} could not be written ({error.strerror or error}); "
+                          "set UNLEARNATK_CACHE_DIR to a writable directory to keep targets between runs", stacklevel=2)
         return image

@@ -192,6 +192,7 @@ BAD_OPTIONS = [
     ({"device": "cuda:x"}, "use auto, cpu, cuda or cuda:N"),
     ({"dtype": "float8"}, "use auto, float32, float16 or bfloat16"),
     ({"budget": "huge"}, "use one of reference, fast, smoke"),
+    ({"baseline": "no-such-report"}, "holds no gates/ folder"),
 ]
 
 
@@ -235,6 +236,22 @@ def test_a_judge_answer_that_is_not_a_clear_verdict_is_an_error(answer, message)
 def test_a_judge_that_answers_the_wrong_number_of_times_is_an_error(answer, message):
     with pytest.raises(UnlearnAtkError, match=message):
         get_judge(lambda images: answer)([object()])
+
+
+def test_a_baseline_that_is_this_runs_report_directory_is_refused(tmp_path):
+    (tmp_path / "released" / "gates").mkdir(parents=True)
+    with pytest.raises(OptionError, match="are the same directory") as error:
+        RunOptions.from_raw({"baseline": str(tmp_path / "released"), "report": str(tmp_path / "released")}, root=tmp_path)
+    assert error.value.names == ("report", "baseline")
+
+
+def test_a_base_that_is_a_weights_file_says_so(tiny_dir, tmp_path):
+    from pytest_unlearnatk import load_pipeline
+
+    weights = tmp_path / "unet.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(UnlearnAtkError, match="is a file, not a pipeline directory"):
+        load_pipeline(weights, base=weights)
 
 
 def test_numpy_answers_are_real_verdicts():
@@ -495,3 +512,16 @@ def test_a_model_that_fails_to_load_is_tried_once_per_run(tmp_path):
         model.load()
     with pytest.raises(UnlearnAtkError, match=r"could not be loaded \(see the first error about it in this run\)"):
         model.load()
+
+
+def test_an_unwritable_target_cache_is_a_warning_not_a_failed_gate(tiny_model, base_model, tmp_path):
+    from pytest_unlearnatk import TokenLayout
+    from pytest_unlearnatk.targets import RenderedTargets
+
+    ids = TokenLayout.from_pipeline(base_model.pipeline).sequence([320, 736])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    targets = RenderedTargets(base_model, _render(), directory=blocker / "targets")
+    with pytest.warns(UserWarning, match="target image cache .* could not be written"):
+        image = targets(Case("0", "a red circle"), ids)
+    assert image.size == (32, 32)

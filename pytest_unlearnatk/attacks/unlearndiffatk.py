@@ -517,8 +517,10 @@ class _BatchedOptimization:
         autocast = (torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            padded = torch.cat([probabilities, probabilities[:1].detach().expand(self.padding, -1, -1)])
-            self.injector.embeddings = _straight_through_lookup().apply(padded, sampled, self.table)
+            rows = probabilities  # plus rows for the free places, outside the gradient (only at a gate's end)
+            if self.padding:
+                rows = torch.cat([probabilities, probabilities[:1].detach().expand(self.padding, -1, -1)])
+            self.injector.embeddings = _straight_through_lookup().apply(rows, sampled, self.table)
             hidden = self.pipeline.text_encoder(self.ids)[0]
             self.injector.embeddings = None
             noisy = (self.signal * self.target_latents + self.noise_scale * noise).to(self.unet_dtype)
