@@ -35,6 +35,8 @@ class TerminalProgress:
     outcome for the test follows on the next line. Redrawn at most twice a second.
     """
 
+    REDRAW_AT_MOST_EVERY_S = 0.5
+
     def __init__(self, config: pytest.Config, reporter: Any, gate: str, path: Path) -> None:
         self.capture = config.pluginmanager.get_plugin("capturemanager")
         self.verbose = config.get_verbosity() > 0
@@ -47,7 +49,7 @@ class TerminalProgress:
     def __call__(self, progress: Any) -> None:
         now = time.monotonic()
         finished = progress.done == progress.total
-        if not finished and now - self.last_draw < 0.5:
+        if not finished and now - self.last_draw < self.REDRAW_AT_MOST_EVERY_S:
             return
         self.last_draw = now
         with self.capture.global_and_fixture_disabled() if self.capture else contextlib.nullcontext():

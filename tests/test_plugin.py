@@ -180,6 +180,9 @@ def pytest_configure(config):
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.isatty = lambda: True
+    # every redraw is shown, so what the line says does not depend on how fast this machine is
+    from pytest_unlearnatk.terminal import TerminalProgress
+    TerminalProgress.REDRAW_AT_MOST_EVERY_S = 0.0
 '''
 
 
@@ -208,6 +211,13 @@ gates:
     result.stdout.fnmatch_lines(["*unlearn gates*", "slow*PASS*"])
 
 
+EVERY_PLAIN_LINE = '''
+# every piece of news is printed, so which lines appear does not depend on how fast this machine is
+from pytest_unlearnatk.terminal import PlainProgress
+PlainProgress.AT_MOST_EVERY_S = 0.0
+'''
+
+
 def test_plain_progress_lines_when_the_output_is_piped(pytester, gate_args):
     """On a CI runner the output is a pipe: whole lines (no carriage returns), one as cases
     finish and one when the gate ends, and pytest's own output stays intact."""
@@ -217,6 +227,7 @@ gates:
   - {name: slow, concept: circle, prompts: [a red circle, a red ball, a round thing], judge: 'judges:never',
      max_asr: 0.5, budget: smoke, batch: 1}
 """)
+    pytester.makeconftest(EVERY_PLAIN_LINE)
     result = pytester.runpytest_subprocess(*gate_args, timeout=300)
     result.assert_outcomes(passed=1)
     assert "\r" not in result.stdout.str()
