@@ -28,8 +28,9 @@ from typing import Any
 
 from .attacks import Attack, AttackContext, AttackJob, AttackOutcome, Checker, get_attack
 from .cases import Case, load_cases
+from .concepts import concept_defaults
 from .errors import SettingProblem, UnlearnAtkError
-from .images import ImageFiles
+from .images import ImageKeeper
 from .judges import Judge, get_judge
 from .models import LazyModel, LoadedModel
 from .options import parse_batch, parse_shard
@@ -118,6 +119,7 @@ def run_gate(
     render: RenderSettings | None = None,
     long_prompts: str = "truncate",
     image_dir: str | Path | None = None,
+    show_unsafe: bool = False,
     progress: bool | Callable[[GateProgress], None] | None = None,
     on_case: Callable[[CaseResult], None] | None = None,
     concept: str | None = None,
@@ -137,8 +139,10 @@ def run_gate(
     default, ``reference``); ``attack_settings`` override single settings (``n_tokens=3``).
     Targets come from ``target_dir`` if given, else are rendered by ``base`` (default: the base a
     weights-file model was loaded over, if any).
-    ``long_prompts``: ``truncate`` (default), ``skip`` or ``error``. ``image_dir``: where the plain
-    and adversarial images of every case are written. ``progress``: ``True`` for a tqdm bar
+    ``long_prompts``: ``truncate`` (default), ``skip`` or ``error``. ``image_dir``: where the target,
+    plain and adversarial images of every case are written (small PNGs named by their SHA-256;
+    ``CaseResult.images`` maps each kind to its file name); a ``store`` keeps them too. Images of
+    an unsafe concept (nudity) are blurred unless ``show_unsafe``. ``progress``: ``True`` for a tqdm bar
     (default: when stderr is a terminal), ``False`` for none, or a callable that gets a
     :class:`~pytest_unlearnatk.progress.GateProgress` after every case and optimization step.
     ``on_case`` is called with each case's result as soon as it is final (with batching, not
@@ -160,7 +164,8 @@ def run_gate(
         long_prompts=long_prompts, concept=concept, replay_only=replay_only, shard=shard, batch_size=batch_size,
         compile_unet=compile_unet, target_dir=target_dir, stop_settled_at=stop_settled_at,
     )
-    return execute(model, cases, settings, base=base, store=store, image_dir=image_dir, progress=progress, on_case=on_case)
+    return execute(model, cases, settings, base=base, store=store, image_dir=image_dir, show_unsafe=show_unsafe,
+                   progress=progress, on_case=on_case)
 
 
 def settled(finished: Iterable[CaseResult], total: int, max_asr: float | None) -> bool:
@@ -191,6 +196,7 @@ def execute(
     base: Model | None = None,
     store: Store | None = None,
     image_dir: str | Path | None = None,
+    show_unsafe: bool = False,
     progress: bool | Callable[[GateProgress], None] | None = None,
     on_case: Callable[[CaseResult], None] | None = None,
 ) -> GateResult:
@@ -203,8 +209,9 @@ def execute(
         progress = sys.stderr.isatty()
     sink = TqdmSink(len(case_list), f"{settings.attack_name} {model.name}") if progress is True else progress or None
     tracker = ProgressTracker(len(case_list), sink)
+    blur = bool(settings.concept) and concept_defaults(settings.concept).unsafe and not show_unsafe
     run = _GateRun(model=model, settings=settings, base=base, store=store,
-                   images=ImageFiles(image_dir) if image_dir else None, tracker=tracker)
+                   images=ImageKeeper(image_dir, store, blur) if image_dir or store else None, tracker=tracker)
     results: dict[int, CaseResult] = {}
     reused = 0
 
@@ -258,8 +265,9 @@ class _GateRun:
     """One gate's run: its settings and the model-side objects, built only when a case needs model work."""
 
     def __init__(self, *, model: Model, settings: GateSettings, base: Model | None, store: Store | None,
-                 images: ImageFiles | None, tracker: ProgressTracker) -> None:
+                 images: ImageKeeper | None, tracker: ProgressTracker) -> None:
         self.model, self.settings, self.base, self.store, self.images = model, settings, base, store, images
+        self.target_images: dict[str, Any] = {}  # case id -> the target the attack asked for (shown in reports)
         self.tracker = tracker  # told what one-off work goes on (loading, targets), left out of the ETA
         self.attack, self.judge = settings.attack, settings.judge
         model.fingerprint  # noqa: B018 (a model that cannot be found says so first, before anything it lacks)
@@ -320,20 +328,22 @@ class _GateRun:
     @functools.cached_property
     def targets(self) -> TargetSource | None:
         if self.settings.target_dir is not None:
-            return DirectoryTargets(self.settings.target_dir)
-        if self.base is not None:
+            source = DirectoryTargets(self.settings.target_dir)
+        elif self.base is not None:
             # the base is loaded only if a target is missing from the cache (at the model's image size)
-            rendered = RenderedTargets(self.base, self.renderer.settings)
+            source = RenderedTargets(self.base, self.renderer.settings)
+        else:
+            return None
 
-            def target(case: Case, prompt_ids: list[int]) -> Any:
-                self.tracker.set_phase(f"target image of case {case.case_id}")
-                try:
-                    return rendered(case, prompt_ids)
-                finally:
-                    self.tracker.set_phase(None)
+        def target(case: Case, prompt_ids: list[int]) -> Any:
+            self.tracker.set_phase(f"target image of case {case.case_id}")
+            try:
+                image = self.target_images[case.case_id] = source(case, prompt_ids)
+                return image
+            finally:
+                self.tracker.set_phase(None)
 
-            return target
-        return None
+        return target
 
     @functools.cached_property
     def tokenizer_fingerprint(self) -> str:
@@ -351,10 +361,13 @@ class _GateRun:
             stored = self.store.get_result(key)
             if stored is not None:
                 try:
-                    return CaseResult.from_dict(stored, case=case), True
+                    reused = CaseResult.from_dict(stored, case=case)
                 except (KeyError, TypeError, ValueError) as error:  # an older, foreign or edited record
                     warnings.warn(f"store result {key[:12]}... of case {case.case_id}: not a valid result ({error}); "
                                   "the case is computed again", StoreWarning, stacklevel=2)
+                else:
+                    self._bring_images(reused)
+                    return reused, True
         if settings.shard is not None and int(key, 16) % settings.shard[1] != settings.shard[0] - 1:
             return CaseResult(case=case, attack=attack_name, status="pending"), False
         started = time.perf_counter()
@@ -368,7 +381,7 @@ class _GateRun:
         check = Checker(self.renderer, self.judge, case)
         plain_ids = self.layout.sequence(fitted.content_ids)
         verdict, plain_image = check(plain_ids)
-        result.prompt_ids, result.verdict = plain_ids, verdict.to_dict()
+        result.prompt_ids, result.verdict, result.plain_score = plain_ids, verdict.to_dict(), verdict.score
         self._save(plain_image, result, "plain")
         if verdict.hit:
             result.pre_attack_hit = result.hit = True
@@ -381,6 +394,7 @@ class _GateRun:
     def complete(self, job: _GateJob, outcome: AttackOutcome) -> CaseResult:
         """The case's result once the attack is done with it (written to the store at once)."""
         self._apply(job.prompt, outcome, job.result)
+        self._save(self.target_images.pop(job.case.case_id, None), job.result, "target")
         return self._finish(job.key, job.material, job.result, job.context.check, job.started)
 
     def _finish(self, key: str, material: dict[str, Any], result: CaseResult, check: Checker, started: float) -> CaseResult:
@@ -439,4 +453,13 @@ class _GateRun:
 
     def _save(self, image: Any, result: CaseResult, kind: str) -> None:
         if self.images is not None and image is not None:
-            result.images[kind] = self.images.save(image, result.case.case_id, kind)
+            result.images[kind] = self.images.keep(image)
+
+    def _bring_images(self, result: CaseResult) -> None:
+        """A reused result's images into this run's image directory; one the store lacks is a warning."""
+        if self.images is None:
+            return
+        missing = [kind for kind, name in result.images.items() if not self.images.bring(name)]
+        if missing:
+            warnings.warn(f"case {result.case.case_id}: images not in the store ({', '.join(missing)}; stored by an "
+                          "earlier version, or removed); the report shows them as missing", StoreWarning, stacklevel=3)

@@ -1,8 +1,10 @@
-"""A self-contained HTML page of a run: a section per gate, a row per case with its images.
+"""A self-contained HTML page of a run: a summary table, then a section per gate with a row per
+case (broken cases first) and its target, plain and adversarial images.
 
 Built from the per-gate JSON files the run wrote under ``--unlearn-report`` (so it also covers
-gates that ran on xdist workers). Images are embedded as data URIs, so the single file opens
-offline and can be attached to a CI run. Images of unsafe concepts are blurred unless asked.
+gates that ran on xdist workers) and the images in ``<report>/images/``. Images are embedded as
+data URIs, so the single file opens offline and can be attached to a CI run. Images of unsafe
+concepts are blurred unless asked (the PNG files beside it are already blurred when kept).
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from .concepts import concept_defaults
+from .images import safe_name
+from .report import SUMMARY_HEADER, GateRecord, summary_rows
 
-THUMBNAIL = 160
+THUMBNAIL = 128
 
 
-def _image_uri(path: str | None, blur: bool) -> str | None:
-    if not path or not Path(path).is_file():
-        return None
+def _image_uri(path: Path, blur: bool) -> str:
     from PIL import Image, ImageFilter
 
     with Image.open(path) as image:
@@ -48,67 +50,135 @@ def _loss_curve(losses: list[float], width: int = 160, height: int = 40) -> str:
             f'<polyline fill="none" stroke="#36c" stroke-width="1" points="{points}"/></svg>')
 
 
-def _cell_image(uri: str | None, label: str) -> str:
-    if uri is None:
-        return f'<td class="img empty">{html.escape(label)}: none</td>'
-    return f'<td class="img"><img alt="{html.escape(label)}" src="{uri}"></td>'
+def _score(value: Any) -> str:
+    return "" if value is None else f" · score {value:.3f}"
 
 
-def _gate_section(record: dict[str, Any], result: dict[str, Any], show_unsafe: bool) -> str:
+def _image_labels(case: dict[str, Any]) -> dict[str, str]:
+    """What each image of a case is: which prompt or candidate, which step, which judge score."""
+    score = case.get("verdict", {}).get("score")
+    if case["hit_by"] == "replay":
+        adversarial = f"stored prompt (replay){_score(score)}"
+    elif case["hit"] and case["hit_by"] != "plain":
+        adversarial = f"candidate that broke it, step {case.get('hit_step')}{_score(score)}"
+    else:
+        checks = case.get("checks") or []
+        adversarial = f"last candidate checked, step {checks[-1]['step']}{_score(score)}" if checks else "last candidate"
+    plain_score = case.get("plain_score", score if case["hit_by"] == "plain" else None)
+    return {"target": "target (base model, plain prompt)", "plain": f"plain prompt{_score(plain_score)}",
+            "adversarial": adversarial}
+
+
+def _cell_image(images_dir: Path, name: str | None, label: str, blur: bool) -> tuple[str, bool]:
+    """The cell of one image, and whether the image should be there but is not."""
+    if name is None:
+        return '<td class="img empty">&ndash;</td>', False
+    path = images_dir / name
+    if "/" in name or "\\" in name or not path.is_file():
+        return f'<td class="img missing">image missing<br><small>{html.escape(label)}</small></td>', True
+    return (f'<td class="img"><figure><img alt="{html.escape(label)}" src="{_image_uri(path, blur)}">'
+            f'<figcaption>{html.escape(label)}</figcaption></figure></td>'), False
+
+
+def _case_row(case: dict[str, Any], images_dir: Path, blur: bool) -> tuple[str, int]:
+    """A case's table row and how many of its images are missing."""
+    case_id = html.escape(case["case"]["case_id"])
+    if case["status"] != "done":
+        return (f'<tr class="miss"><td>{case_id}</td><td colspan="6">{case["status"]}: '
+                f'{html.escape(case.get("skip_reason") or "")}</td></tr>'), 0
+    labels, images, missing = _image_labels(case), case.get("images", {}), 0
+    cells = []
+    for kind in ("target", "plain", "adversarial"):
+        cell, lost = _cell_image(images_dir, images.get(kind), labels[kind], blur)
+        cells.append(cell)
+        missing += lost
+    outcome = "not broken" if not case["hit"] else f"broken by {case['hit_by']}"
+    step = "" if case.get("hit_step") is None else f'<br>step {case["hit_step"]}, t={case.get("hit_timestep")}'
+    adversarial = (f'<div class="adv">adversarial: {html.escape(case["adversarial_text"] or "")}'
+                   f'<br>ids {case["adversarial_ids"]}</div>') if case.get("adversarial_ids") else ""
+    row = (f'<tr class="{"hit" if case["hit"] else "miss"}"><td>{case_id}</td>'
+           f'<td class="prompt">{html.escape(case["case"]["prompt"])}{adversarial}</td>' + "".join(cells)
+           + f'<td class="outcome">{html.escape(outcome)}{step}</td><td>{_loss_curve(case.get("loss_trace", []))}</td></tr>')
+    return row, missing
+
+
+def _anchor(record: dict[str, Any]) -> str:
+    return "gate-" + safe_name(record.get("gate_id") or record["gate"])
+
+
+def _gate_section(record: dict[str, Any], result: dict[str, Any], images_dir: Path, show_unsafe: bool) -> str:
     concept = record["concept"]
     blur = not show_unsafe and concept_defaults(concept).unsafe
-    verdict = "PASS" if record["passed"] else "FAIL"
-    if record.get("pending"):
-        verdict = "PENDING"
+    verdict = "PENDING" if record.get("pending") else "PASS" if record["passed"] else "FAIL"
     pre_low, pre_high = record.get("pre_asr_ci", (0, 1))
     low, high = record.get("asr_ci", (0, 1))
     bound = " (lower bound: replay only)" if record.get("lower_bound") else ""
-    rows = []
-    for case in result["cases"]:
-        if case["status"] != "done":
-            rows.append(f'<tr><td>{html.escape(case["case"]["case_id"])}</td><td colspan="6">{case["status"]}: '
-                        f'{html.escape(case.get("skip_reason") or "")}</td></tr>')
-            continue
-        outcome = case["hit_by"] or "not broken"
-        step = "" if case.get("hit_step") is None else f'step {case["hit_step"]}, t={case.get("hit_timestep")}'
-        score = case.get("verdict", {}).get("score")
-        rows.append(
-            "<tr>"
-            f'<td>{html.escape(case["case"]["case_id"])}</td>'
-            f'<td class="prompt">{html.escape(case["case"]["prompt"])}'
-            + (f'<div class="adv">adversarial: {html.escape(case["adversarial_text"] or "")}<br>ids {case["adversarial_ids"]}</div>'
-               if case.get("adversarial_ids") else "")
-            + "</td>"
-            + _cell_image(_image_uri(case.get("images", {}).get("plain"), blur), "plain prompt")
-            + _cell_image(_image_uri(case.get("images", {}).get("adversarial"), blur), "adversarial prompt")
-            + f'<td class="{"hit" if case["hit"] else "miss"}">{html.escape(outcome)}<br>{step}</td>'
-            + f'<td>{"" if score is None else f"{score:.3f}"}</td>'
-            + f'<td>{_loss_curve(case.get("loss_trace", []))}</td>'
-            "</tr>"
-        )
+    # broken cases first (in case order), then the rest
+    ordered = sorted(result["cases"], key=lambda case: not (case["status"] == "done" and case["hit"]))
+    rows, missing = [], 0
+    for case in ordered:
+        row, lost = _case_row(case, images_dir, blur)
+        rows.append(row)
+        missing += lost
+    notes = _notes(record)
+    if missing:
+        notes.append(f"{missing} images are missing: their results came from a store that does not hold them "
+                     "(stored by an earlier version, or removed). Delete those results to compute them again.")
+    if blur:
+        notes.append("Images are blurred (unsafe concept); rerun with --unlearn-show-unsafe to see them.")
     return (
-        f'<section class="gate"><h2>{html.escape(record["gate"])} <span class="{verdict.lower()}">{verdict}</span></h2>'
+        f'<section class="gate" id="{_anchor(record)}"><h2>{html.escape(record["gate"])} '
+        f'<span class="{verdict.lower()}">{verdict}</span></h2>'
         f'<p>model <code>{html.escape(record["model"])}</code>, concept <b>{html.escape(concept)}</b>, '
         f'judge {html.escape(record["judge"])}, attack {html.escape(record["attack"])}, budget {html.escape(record["budget"])}</p>'
         f'<p class="numbers">n = {record["n"]} &middot; pre-ASR {record["pre_asr"]:.1%} '
         f'(95% CI {pre_low:.0%}&ndash;{pre_high:.0%}) &middot; ASR {record["asr"]:.1%} (95% CI {low:.0%}&ndash;{high:.0%}){bound} '
         f'&middot; max_asr {record["max_asr"]:.1%} &middot; {record["seconds"]:.1f} s</p>'
-        + "".join(f'<p class="note">{html.escape(note)}</p>' for note in _notes(record))
-        + ('<p class="note">Images are blurred (unsafe concept); rerun with --unlearn-show-unsafe to see them.</p>' if blur else "")
-        + '<table><tr><th>case</th><th>prompt</th><th>plain prompt</th><th>adversarial prompt</th><th>broken by</th>'
-        '<th>judge score</th><th>loss</th></tr>' + "".join(rows) + "</table></section>"
+        + "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes)
+        + '<table class="cases"><tr><th>case</th><th>prompt</th><th>target</th><th>plain prompt</th>'
+        '<th>adversarial prompt</th><th>outcome</th><th>loss</th></tr>' + "".join(rows) + "</table></section>"
     )
+
+
+def _summary(records: list[dict[str, Any]]) -> str:
+    """The run's summary table (the terminal's columns), each gate linked to its section."""
+    gates = [GateRecord(**record) for record in records]
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in SUMMARY_HEADER)
+    body = []
+    for record, row in zip(records, summary_rows(gates)):
+        verdict_class = "pending" if record.get("pending") else "pass" if record["passed"] else "fail"
+        cells = [f'<td><a href="#{_anchor(record)}">{html.escape(row[0])}</a></td>']
+        cells += [f'<td class="{verdict_class}">{html.escape(value)}</td>' if name == "verdict"
+                  else f"<td>{html.escape(value)}</td>" for name, value in zip(SUMMARY_HEADER[1:], row[1:])]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="summary"><tr>{head}</tr>{"".join(body)}</table>'
 
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; margin-top: 2em; }
 .pass { color: #080; } .fail { color: #c00; } .pending { color: #a60; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ddd; padding: 4px; vertical-align: top; font-size: 0.85em; }
-td.prompt { max-width: 28em; } .adv { color: #555; margin-top: 4px; font-family: monospace; }
-td.hit { background: #fdd; } td.miss { background: #efe; } td.img img { display: block; }
-.note { color: #a60; }
+table.summary td, table.summary th { white-space: nowrap; }
+td.prompt { max-width: 24em; } .adv { color: #555; margin-top: 4px; font-family: monospace; }
+tr.hit td.outcome { background: #fdd; } tr.miss td.outcome { background: #efe; }
+figure { margin: 0; } figcaption { font-size: 0.8em; color: #555; max-width: 128px; }
+td.img img { display: block; width: 128px; image-rendering: pixelated; }
+td.missing { background: #fec; color: #a60; }
+.note { color: #a60; } label.filter { display: block; margin: 1em 0; }
+body.only-broken tr.miss { display: none; }
 """
+
+# the filter; a link to the page ending in #only-broken opens it filtered
+FILTER = ('<label class="filter"><input type="checkbox" id="only-broken" onchange="onlyBroken(this.checked)"> '
+          'show broken cases only</label>')
+SCRIPT = """<script>
+function onlyBroken(on) {
+  document.body.classList.toggle('only-broken', on);
+  document.getElementById('only-broken').checked = on;
+}
+if (location.hash === '#only-broken' && document.getElementById('only-broken')) onlyBroken(true);
+</script>"""
 
 
 def _notes(record: dict[str, Any]) -> list[str]:
@@ -127,18 +197,17 @@ def _notes(record: dict[str, Any]) -> list[str]:
 
 def write_html_report(report_dir: str | Path, gate_files: list[str] | None = None, show_unsafe: bool = False) -> Path:
     """Write ``<report_dir>/index.html`` from ``<report_dir>/gates/*.json`` (or only the named
-    files, e.g. this run's gates); returns its path."""
+    files, e.g. this run's gates) and ``<report_dir>/images/``; returns its path."""
     report_dir = Path(report_dir)
-    sections = []
     paths = sorted((report_dir / "gates").glob("*.json"))
     if gate_files is not None:
         paths = [p for p in paths if p.name in set(gate_files)]
-    for path in paths:
-        data = json.loads(path.read_text("utf-8"))
-        sections.append(_gate_section(data["record"], data["result"], show_unsafe))
+    gates = [json.loads(path.read_text("utf-8")) for path in paths]
+    sections = [_gate_section(data["record"], data["result"], report_dir / "images", show_unsafe) for data in gates]
+    body = (_summary([data["record"] for data in gates]) + FILTER + "".join(sections)) if gates else "<p>No gates ran.</p>"
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>unlearn gates</title><style>{STYLE}</style></head>"
-        f"<body><h1>Unlearning attack gates ({len(sections)})</h1>{''.join(sections) or '<p>No gates ran.</p>'}</body></html>"
+        f"<body><h1>Unlearning attack gates ({len(gates)})</h1>{body}{SCRIPT}</body></html>"
     )
     out = report_dir / "index.html"
     out.write_text(page, "utf-8")

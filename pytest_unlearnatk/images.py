@@ -1,13 +1,27 @@
-"""Image files of a gate: where the plain and adversarial image of every case are written."""
+"""The images of a gate's cases, kept as small content-addressed PNG files.
+
+Every image a gate shows (target, plain prompt, adversarial prompt) is kept at most
+``KEPT_SIZE`` pixels on its long side and, for an unsafe concept, blurred unless the run shows
+unsafe images. Its file name is the SHA-256 of the PNG's bytes, so a case result holds only
+names (``CaseResult.images``: kind -> name), the same image is never kept twice, and a result
+reused from the store brings its images along: the store keeps them under ``images/`` and every
+report run copies the ones it shows into its own ``images/`` directory.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
+from ._paths import atomic_write_bytes
 from .errors import SettingProblem
+
+KEPT_SIZE = 256  # pixels on the long side; SD's 512 px images are halved, the toy's 32 px kept as they are
+IMAGE_NAME = re.compile(r"[0-9a-f]{64}\.png")
 
 
 def safe_name(text: str, fallback: str = "gate") -> str:
@@ -20,21 +34,74 @@ def safe_name(text: str, fallback: str = "gate") -> str:
     return f"{cleaned or fallback}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
 
 
-class ImageFiles:
-    """A directory of case images: ``<case id>_<kind>.png`` (kind: ``plain`` or ``adversarial``)."""
+def png_bytes(image: Any, blur: bool) -> bytes:
+    """``image`` (a PIL image) as the PNG that is kept: at most KEPT_SIZE px, blurred if asked."""
+    from PIL import Image, ImageFilter
 
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
+    picture = image.convert("RGB")
+    scale = KEPT_SIZE / max(picture.size)
+    if scale < 1:
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.LANCZOS)
+    if blur:
+        picture = picture.filter(ImageFilter.GaussianBlur(radius=max(picture.size) / 12))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
-    def save(self, image: Any, case_id: str, kind: str) -> str:
-        """Write ``image`` (a PIL image) and return its path."""
-        path = self.directory / f"{safe_name(case_id, 'case')}_{kind}.png"
+
+def image_name(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest() + ".png"
+
+
+def is_intact(path: Path, name: str) -> bool:
+    """Does the file at ``path`` exist and hold exactly the bytes its name is the digest of?"""
+    try:
+        return image_name(path.read_bytes()) == name
+    except OSError:
+        return False
+
+
+class ImageKeeper:
+    """Keeps a gate's images in a report's image directory and in the store (either may be None).
+
+    ``blur``: the gate's concept is unsafe and the run does not show unsafe images, so every
+    image is blurred before it is kept anywhere (the PNG files too, not only the HTML page).
+    """
+
+    def __init__(self, directory: str | Path | None, store: Any = None, blur: bool = False) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.store, self.blur = store, blur
+
+    def keep(self, image: Any) -> str:
+        """Keep ``image`` (a PIL image); returns its file name."""
+        data = png_bytes(image, self.blur)
+        name = image_name(data)
+        if self.directory is not None and not (self.directory / name).is_file():
+            try:
+                atomic_write_bytes(self.directory / name, data)
+            except OSError as error:
+                raise report_problem(self.directory, error) from None
+        if self.store is not None:
+            self.store.put_image(name, data)
+        return name
+
+    def bring(self, name: str) -> bool:
+        """Make the image ``name`` of a reused result available in this run's directory (from the
+        store); False when neither has it intact (e.g. a result stored by an earlier version, which
+        kept absolute paths into its report instead of images)."""
+        if self.directory is None:
+            return True
+        if (self.directory / name).is_file():
+            return True
+        source = self.store.image_file(name) if self.store is not None and IMAGE_NAME.fullmatch(name) else None
+        if source is None:
+            return False
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            image.save(path)
+            shutil.copyfile(source, self.directory / name)
         except OSError as error:
             raise report_problem(self.directory, error) from None
-        return str(path)
+        return True
 
 
 def report_problem(directory: Path, error: OSError) -> SettingProblem:

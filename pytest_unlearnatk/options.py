@@ -163,7 +163,8 @@ class RunOptions:
     no_store: bool = _flag("neither read nor write the store")
     store_readonly: bool = _flag("read the store, never write it (CI on a committed store)")
     compile: bool = _flag("run the attack's UNet through torch.compile (GPU runs of long gates; the first steps compile)")
-    show_unsafe: bool = _flag("do not blur images of unsafe concepts (nudity) in the HTML report")
+    show_unsafe: bool = _flag("do not blur images of unsafe concepts (nudity) in the report (its PNG files and HTML page) "
+                                "and the store")
 
     @classmethod
     def from_raw(cls, raw: Mapping[str, Any], root: Path) -> RunOptions:

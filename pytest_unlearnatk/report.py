@@ -166,7 +166,7 @@ SUMMARY_HEADER = ("gate", "model", "concept", "attack", "budget", "n", "pre-ASR"
                   "vs baseline", "time")
 
 
-def _summary_rows(records: list[GateRecord]) -> list[tuple[str, ...]]:
+def summary_rows(records: list[GateRecord]) -> list[tuple[str, ...]]:
     names = [r.gate for r in records]
     return [
         (
@@ -189,7 +189,7 @@ def _baseline_cell(record: GateRecord) -> str:
 def summary_table(records: list[GateRecord]) -> list[str]:
     """The terminal summary; rates with their 95% Wilson interval; ASR of a replay-only run is
     shown as '>=x%' (a lower bound)."""
-    rows = [SUMMARY_HEADER, *_summary_rows(records)]
+    rows = [SUMMARY_HEADER, *summary_rows(records)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_HEADER))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
@@ -200,7 +200,7 @@ def markdown_summary(records: list[GateRecord]) -> str:
         return text.replace("|", "\\|")
 
     lines = ["### unlearn gates", "", "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in _summary_rows(records)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in summary_rows(records)]
     failed = [r for r in records if not r.passed and not r.pending]
     lines += ["", f"{len(records) - len(failed)} of {len(records)} gates passed."]
     if any(r.partial for r in records):

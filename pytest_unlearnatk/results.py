@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,8 +51,10 @@ class CaseResult:
     loss_trace: list[float] = field(default_factory=list)
     checks: list[CandidateCheck] = field(default_factory=list)
     verdict: dict[str, Any] = field(default_factory=dict)  # the judge's verdict on the deciding image
+    plain_score: float | None = None  # the judge's score of the plain prompt's image
     timings: dict[str, float] = field(default_factory=dict)
-    images: dict[str, str] = field(default_factory=dict)  # "plain" / "adversarial" -> file path
+    # "target" / "plain" / "adversarial" -> the image's file name (its SHA-256; see images.py)
+    images: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +96,11 @@ class CaseResult:
                 raise ValueError(f"{name} must be a list of whole numbers >= 0")
         if not isinstance(self.verdict, dict) or not all(isinstance(v, dict) for v in (self.timings, self.images)):
             raise ValueError("verdict, timings and images must be mappings")
+        if not all(isinstance(name, str) for name in self.images.values()):
+            raise ValueError("images must map each kind to a file name")
+        if self.plain_score is not None and not (isinstance(self.plain_score, (int, float))
+                                                 and not isinstance(self.plain_score, bool) and math.isfinite(self.plain_score)):
+            raise ValueError("plain_score must be a finite number")
 
 
 @dataclass

@@ -100,7 +100,6 @@ class GateSession:
         """Run a declared gate, judge it against its ``max_asr``, write its report file if asked."""
         from .cases import load_cases
         from .gate import execute
-        from .images import safe_name
 
         if self.cpu_threads and not self.threads_set:
             import torch
@@ -114,7 +113,7 @@ class GateSession:
         cases = declared[: self.options.limit_for(spec.limit)]
         result = execute(
             self.model("model"), cases, settings, base=self.model("base"),
-            store=self.store(), image_dir=Path(report) / "images" / safe_name(spec.gate_id) if report else None,
+            store=self.store(), image_dir=Path(report) / "images" if report else None, show_unsafe=self.options.show_unsafe,
             progress=progress,
         )
         comparison = None

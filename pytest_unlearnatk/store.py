@@ -4,6 +4,7 @@ Layout (format 1; see docs/store.md)::
 
     <store>/results/<key[:2]>/<key>.json                    one finished case
     <store>/prompts/<concept>/<key>.json                    one adversarial prompt that broke a model
+    <store>/images/<name[:2]>/<name>                        one image a result shows (name: SHA-256 of the PNG)
 
 A file's name is the SHA-256 of what identifies it, so the same work always lands in the same
 file, two processes never write different things under one name, and a committed store diffs
@@ -172,6 +173,33 @@ class Store:
         self._write(self._prompt_dir(stored.concept) / f"{stored.key}.json",
                     {"format": FORMAT, "kind": "adversarial_prompt", "key": stored.key, "prompt": asdict(stored)})
 
+    # --- images (content-addressed PNGs; see images.py) -----------------------------------
+
+    def _image_path(self, name: str) -> Path:
+        return self.directory / "images" / name[:2] / name
+
+    def put_image(self, name: str, data: bytes) -> None:
+        path = self._image_path(name)
+        if self.readonly or path.is_file():
+            return
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as error:
+            raise self._unwritable(error) from None
+
+    def image_file(self, name: str) -> Path | None:
+        """The stored image ``name`` if it is there and intact (its bytes match its name), else None.
+        Its content is its name, so a signed store needs no signature for it."""
+        from .images import is_intact
+
+        path = self._image_path(name)
+        if not path.is_file():
+            return None
+        if not is_intact(path, name):
+            warnings.warn(f"{path}: image does not match its name (edited or damaged); not shown", StoreWarning, stacklevel=2)
+            return None
+        return path
+
     # --- files ----------------------------------------------------------------------------
 
     def _signature(self, record: dict[str, Any]) -> str:
@@ -216,7 +244,10 @@ class Store:
         try:
             atomic_write_bytes(path, (json.dumps(record, indent=1, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
         except OSError as error:
-            raise SettingProblem(
-                "store", f"could not write the store in {self.directory} ({error.strerror or error})",
-                "DIR, a writable directory", alternative="or read it only: Store(DIR, readonly=True)",
-            ) from None
+            raise self._unwritable(error) from None
+
+    def _unwritable(self, error: OSError) -> SettingProblem:
+        return SettingProblem(
+            "store", f"could not write the store in {self.directory} ({error.strerror or error})",
+            "DIR, a writable directory", alternative="or read it only: Store(DIR, readonly=True)",
+        )

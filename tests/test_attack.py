@@ -135,7 +135,7 @@ def test_stops_at_the_first_hit_and_judges_the_optimized_ids(tiny_model, base_mo
     assert result.prompt_ids == layout.sequence(content, result.adversarial_ids)
     # the judged image is exactly what the recorded ids render to
     again = Renderer(tiny_model.pipeline, FAST_RENDER).render(result.prompt_ids, 11, 7.5)
-    saved = np.asarray(__import__("PIL.Image").Image.open(result.images["adversarial"]).convert("RGB"))
+    saved = np.asarray(__import__("PIL.Image").Image.open(tmp_path / result.images["adversarial"]).convert("RGB"))
     assert np.array_equal(np.asarray(again), saved)
     reencoded = tiny_model.pipeline.tokenizer(result.adversarial_text, add_special_tokens=False).input_ids
     assert result.reencodes_identically == (reencoded == result.adversarial_ids + content)

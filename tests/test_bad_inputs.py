@@ -460,7 +460,9 @@ def test_two_suites_with_a_gate_of_the_same_name_keep_both_reports(pytester, tin
     assert len(files) == 2 and "stale-gate-from-last-week.json" not in files  # both gates, nothing stale
     assert sorted(json.loads((report / "gates" / name).read_text())["record"]["asr"] for name in files) == [0.0, 1.0]
     assert (report / "notes.txt").read_text() == "mine"  # what we did not write stays
-    assert len(list((report / "images").iterdir())) == 2
+    shown = [name for name in files for case in json.loads((report / "gates" / name).read_text())["result"]["cases"]
+             for name in case["images"].values()]
+    assert len(shown) == 4 and all((report / "images" / name).is_file() for name in shown)
 
 
 def test_with_a_store_key_an_edited_result_cannot_turn_fail_into_pass(pytester, tiny_dir, monkeypatch):

@@ -49,21 +49,37 @@ def report_dir(pytester, tiny_dir, other_tiny_dir) -> Path:
     return report
 
 
-def test_report_page_holds_gates_numbers_and_images(report_dir):
+def test_report_page_holds_a_summary_gates_numbers_and_labelled_images(report_dir):
     page = (report_dir / "index.html").read_text()
     assert "test_gates.py::test_circle" in page and "test_gates.py::test_nudity" in page
-    assert page.count("data:image/png;base64,") == 2 * 2 + 1  # plain + adversarial per circle case, plain for nudity
+    # the summary table comes first and links every gate to its section
+    summary = page[page.index('<table class="summary">'):page.index('<section')]
+    assert summary.count('<a href="#gate-') == 2 and "smoke" in summary and "no_attack" in summary
+    # circle: target, plain and last candidate for both cases; nudity: its plain prompt broke it
+    assert page.count("data:image/png;base64,") == 2 * 3 + 1
+    assert page.count("<figcaption>target (base model, plain prompt)</") == 2
+    assert page.count("<figcaption>last candidate checked, step 6 · score ") == 2  # smoke: 6 steps, none broke
+    assert "<figcaption>plain prompt · score 0.800</" in page  # the nudity judge's score
     assert "Images are blurred (unsafe concept)" in page
     assert "95% CI" in page and "<svg class=\"loss\"" in page
+    # the PNG files beside the page: the nudity image is kept blurred there too
+    assert len(list((report_dir / "images").glob("*.png"))) == 7
+
+
+def _page_dom(url: str, profile: Path) -> str:
+    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=120).stdout
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     url = (report_dir / "index.html").as_uri()
     profile = tmp_path / "profile"
-    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120).stdout
-    assert "Unlearning attack gates (2)" in dom and dom.count("<img") == 5
+    dom = _page_dom(url, profile)
+    assert "Unlearning attack gates (2)" in dom and dom.count("<img") == 7
+    assert '<body class="only-broken">' not in dom
+    # a link ending in #only-broken opens the page filtered (the checkbox's script ran)
+    assert '<body class="only-broken">' in _page_dom(url + "#only-broken", profile)
     screenshot = tmp_path / "report.png"
     subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={screenshot}",
                     "--window-size=1200,1400", url], capture_output=True, timeout=120)
@@ -72,6 +88,28 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     assert pixels.std() > 10, "the screenshot is blank"
     # keep it for people to look at when they want to
     shutil.copy(screenshot, report_dir / "screenshot.png")
+
+
+def test_broken_cases_come_first_and_missing_images_are_said(tmp_path):
+    import json
+
+    from pytest_unlearnatk.html_report import write_html_report
+
+    record = {"gate": "g", "model": "m", "concept": "circle", "judge": "j", "attack": "a", "budget": "fast", "n": 2,
+              "skipped": 0, "pre_asr": 0.0, "asr": 0.5, "max_asr": 0.2, "passed": False, "seconds": 1.0}
+
+    def case(number: int, hit: bool) -> dict:
+        return {"case": {"case_id": str(number), "prompt": f"prompt {number}"}, "status": "done", "hit": hit,
+                "hit_by": "unlearndiffatk" if hit else None, "hit_step": 40 if hit else None, "hit_timestep": 500,
+                "adversarial_ids": [5], "adversarial_text": "x", "verdict": {"score": 0.9 if hit else 0.1},
+                "plain_score": 0.05, "checks": [{"step": 200}], "images": {"plain": "0" * 64 + ".png"}}
+
+    (tmp_path / "gates").mkdir()
+    (tmp_path / "gates" / "g.json").write_text(json.dumps({"record": record, "result": {"cases": [case(0, False), case(1, True)]}}))
+    page = write_html_report(tmp_path).read_text()
+    assert page.index("prompt 1") < page.index("prompt 0")  # the broken case first
+    assert "broken by unlearndiffatk" in page and "not broken" in page
+    assert page.count("image missing") == 2 and "2 images are missing" in page
 
 
 def test_report_page_notes_partial_settled_and_baseline_runs(tmp_path):

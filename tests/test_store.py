@@ -223,3 +223,52 @@ def test_two_xdist_workers_share_one_store(pytester, tiny_dir, other_tiny_dir):
     assert len(stored) == 8  # one per distinct case, none lost
     assert all(record["kind"] == "case_result" for record in stored.values())
     assert not list((suite_dir / "store").rglob("*.tmp"))
+
+
+def test_a_report_from_the_store_brings_its_images_and_says_which_are_missing(tiny_model, base_model, tmp_path):
+    """The documented CI recipe: the store is cached or committed, each run writes a new report
+    directory. Results reused from the store show the same images, from the store, in the new
+    directory; an image the store lacks is a warning (and the page says "image missing")."""
+    from pytest_unlearnatk.html_report import write_html_report
+    from pytest_unlearnatk.report import GateRecord, write_gate_report
+
+    store = Store(tmp_path / "store")
+
+    def run(report: Path):
+        return run_gate(tiny_model, load_cases(CASES[:2]), never, budget="smoke", base=base_model, render=FAST_RENDER,
+                        store=store, image_dir=report / "images", concept="circle", batch_size=1)
+
+    first = run(tmp_path / "first")
+    kept = [result.images for result in first.cases]
+    assert all(set(images) == {"target", "plain", "adversarial"} for images in kept)  # nothing broke: all three
+    import shutil
+
+    shutil.rmtree(tmp_path / "first")  # last run's report is gone (a CI workspace is fresh)
+    second = run(tmp_path / "second")
+    assert second.reused == 2 and [result.images for result in second.cases] == kept
+    assert all((tmp_path / "second" / "images" / name).is_file() for images in kept for name in images.values())
+
+    # a store without the images (written by an earlier version, or pruned): each is a warning
+    shutil.rmtree(tmp_path / "store" / "images")
+    with pytest.warns(StoreWarning, match=r"case 0: images not in the store \(adversarial, plain, target;"):
+        third = run(tmp_path / "third")
+    assert third.reused == 2 and not (tmp_path / "third" / "images").exists()
+    write_gate_report(tmp_path / "third", GateRecord.from_result("g", "circle", "smoke", 0.5, third, 1.0), third)
+    page = write_html_report(tmp_path / "third").read_text()
+    assert page.count("image missing") == 6 and "6 images are missing" in page
+
+
+def test_images_of_an_unsafe_concept_are_kept_blurred_unless_asked(tiny_model, tmp_path):
+    from PIL import Image, ImageFilter
+
+    def kept(**keywords):
+        result = run_gate(tiny_model, ["a person"], never, attack="no_attack", render=FAST_RENDER,
+                          image_dir=tmp_path, **keywords)
+        return np.asarray(Image.open(tmp_path / result.cases[0].images["plain"]), dtype=float)
+
+    shown = kept(concept="nudity", show_unsafe=True)
+    assert np.array_equal(shown, kept(concept="circle"))  # a safe concept is never blurred
+    blurred = kept(concept="nudity")
+    again = Image.fromarray(shown.astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius=shown.shape[0] / 12))
+    assert np.array_equal(blurred, np.asarray(again, dtype=float))  # the PNG file itself is blurred
+    assert not np.array_equal(blurred, shown)
