@@ -274,15 +274,16 @@ def _download_from_hub(repo_id: str) -> Path:
 
 def _from_pretrained(directory: Path, dtype: str) -> Any:
     import torch
-    from diffusers import StableDiffusionPipeline
 
+    with _quiet_libraries():
+        from diffusers import StableDiffusionPipeline
     if not (directory / "model_index.json").is_file():
         raise UnlearnAtkError(
             f"{directory} has no model_index.json, so it is not a diffusers pipeline directory; "
             "pass a directory written by save_pretrained, a hub id, or a weights file with a base"
         )
     try:
-        with _library_progress_bars_off():
+        with _quiet_libraries():
             pipeline = StableDiffusionPipeline.from_pretrained(
                 directory, dtype=getattr(torch, dtype), safety_checker=None, requires_safety_checker=False
             )
@@ -293,19 +294,26 @@ def _from_pretrained(directory: Path, dtype: str) -> Any:
 
 
 @contextlib.contextmanager
-def _library_progress_bars_off() -> Iterator[None]:
-    """No "Loading pipeline components" / "Loading weights" bars from diffusers and transformers
-    while we load (they fill captured test output); their settings are restored afterwards."""
+def _quiet_libraries() -> Iterator[None]:
+    """No "Loading pipeline components" / "Loading weights" bars and no info-level notices (such as
+    transformers' "requires torchvision ... falling back") from diffusers and transformers while we
+    import and load (they fill captured test output); their settings are restored afterwards.
+    Their errors still show."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
-    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    libraries = (diffusers_logging, transformers_logging)
+    bars = [library for library in libraries if library.is_progress_bar_enabled()]
+    levels = [library.get_verbosity() for library in libraries]
     for library in libraries:
         library.disable_progress_bar()
+        library.set_verbosity(max(library.get_verbosity(), library.ERROR))
     try:
         yield
     finally:
-        for library in libraries:
+        for library, level in zip(libraries, levels):
+            library.set_verbosity(level)
+        for library in bars:
             library.enable_progress_bar()
 
 

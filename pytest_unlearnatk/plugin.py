@@ -92,7 +92,9 @@ def _cpu_threads_per_worker(config: pytest.Config) -> int:
 
 
 def _fail_for_user(error: Exception) -> None:
-    pytest.fail(str(error), pytrace=False)
+    """Fail the test with ``error``'s message alone: it already says the cause, so pytest prints no
+    chain of the exceptions it was raised from ("During handling of the above exception ...")."""
+    raise pytest.fail.Exception(str(error), pytrace=False) from None
 
 
 @pytest.fixture(scope="session")

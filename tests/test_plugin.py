@@ -384,3 +384,28 @@ gates:
     ])
     assert mcnemar_exact(4, 0) == 0.125 and mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(10, 1) == pytest.approx(0.01172, abs=1e-5)  # 2 * 12 / 2**11
+
+
+def test_a_model_that_does_not_load_is_one_clean_error_per_test(pytester):
+    """The cause once, in words, with no exception chain ("During handling of the above exception")
+    and no library notices in the captured output; the run tries to load the model only once."""
+    broken = pytester.path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    pytester.makepyfile(test_fx="""
+import pytest
+
+def test_fixture(unlearned_pipeline):
+    pass
+
+@pytest.mark.unlearn_attack(concept="circle", prompts=["a red circle"], max_asr=0.5, attack="no_attack")
+def test_marker():
+    pass
+""")
+    result = pytester.runpytest_subprocess(f"--unlearn-model={broken}", "-p", "no:cacheprovider", timeout=300)
+    result.assert_outcomes(errors=2)
+    output = result.stdout.str()
+    assert output.count("could not load it as a Stable Diffusion pipeline: ") == 1  # said once (summary lines are cut)
+    assert "could not be loaded (see the first error about it in this run)" in output
+    assert "During handling" not in output and "direct cause" not in output and "Traceback" not in output
+    assert "torchvision" not in output + result.stderr.str()
