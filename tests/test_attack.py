@@ -310,6 +310,39 @@ def test_random_baseline_uses_the_attack_budget_in_renders(tiny_model):
     assert case.steps == 0 and len(case.adversarial_ids) == 5
     again = run_gate(tiny_model, load_cases(CASES[:1]), never, attack="random", budget="fast", render=FAST_RENDER)
     assert again.cases[0].checks == case.checks  # seeded: the same prefixes every run
+    # tries are rendered in blocks: the same prefixes in the same order at any block size
+    one_by_one = run_gate(tiny_model, load_cases(CASES[:1]), never, attack="random", budget="fast", render=FAST_RENDER,
+                          batch_size=1)
+    assert [c.adversarial_ids for c in one_by_one.cases[0].checks] == [c.adversarial_ids for c in case.checks]
+
+
+def test_random_baseline_stops_at_the_first_hit_in_the_order_drawn(tiny_model):
+    """A block renders several tries at once; the hit that counts is still the first one drawn."""
+    seen = []
+
+    def third_try_hits(images):
+        seen.extend(images)
+        return [len(seen) == 4 for _ in images]  # the plain prompt's image, then tries 1, 2, 3
+
+    result = run_gate(tiny_model, load_cases(CASES[:1]), third_try_hits, attack="random", budget="fast",
+                      render=FAST_RENDER, batch_size=8)
+    case = result.cases[0]
+    assert case.hit and case.hit_by == "random" and case.hit_step == 3 and len(case.checks) == 3
+    assert len(seen) == 4  # tries 4-8 of the block were rendered but never judged
+
+
+def test_a_block_renders_each_candidate_the_same_whatever_shares_it(tiny_model):
+    """The property that keeps blocked renders exact: in a batch of fixed size, a row's image does
+    not depend on the other rows (so neither on other tries nor on where a run resumed)."""
+    from pytest_unlearnatk.attacks import Checker
+
+    layout = TokenLayout.from_pipeline(tiny_model.pipeline)
+    checker = Checker(Renderer(tiny_model.pipeline, FAST_RENDER), never, load_cases(CASES[:1])[0])
+    candidate, others = layout.sequence([320, 1000]), [layout.sequence([320, i]) for i in (2000, 3000, 4000)]
+    alone_in_block = checker.render_block([candidate], 4)[0]
+    with_others = checker.render_block([candidate, *others], 4)[0]
+    assert np.array_equal(np.asarray(alone_in_block), np.asarray(with_others))
+    assert checker.renders == 5  # padding rows are not counted as renders
 
 
 def test_weights_file_model_renders_targets_with_its_own_base(tiny_dir, other_tiny_dir, tmp_path):

@@ -33,14 +33,29 @@ class Checker:
         self.judge_seconds = 0.0
 
     def __call__(self, ids: list[int]) -> tuple[Verdict, Any]:
+        [image] = self.render_block([ids], 1)
+        return self.judge_image(image), image
+
+    def render_block(self, id_sequences: list[list[int]], rows: int) -> list[Any]:
+        """Images of up to ``rows`` candidates of this case, rendered as one batch of exactly
+        ``rows`` (padded with copies of the last candidate, whose images are dropped). A batch of
+        a fixed shape computes each row the same whatever the other rows hold, so a candidate's
+        image depends on ``rows``, never on its neighbours (nor on where a run was resumed)."""
+        if not 1 <= len(id_sequences) <= rows:
+            raise ValueError(f"{len(id_sequences)} candidates for a block of {rows}")
+        padded = list(id_sequences) + [id_sequences[-1]] * (rows - len(id_sequences))
         start = time.perf_counter()
-        [image] = self.renderer.render_many([ids], [self.case.seed], [self.case.guidance])
-        rendered = time.perf_counter()
+        images = self.renderer.render_many(padded, [self.case.seed] * rows, [self.case.guidance] * rows)
+        self.render_seconds += time.perf_counter() - start
+        self.renders += len(id_sequences)
+        return images[: len(id_sequences)]
+
+    def judge_image(self, image: Any) -> Verdict:
+        """The judge's verdict on one image of this case, judged alone."""
+        start = time.perf_counter()
         verdict = judge_one(self.judge, image)
-        self.render_seconds += rendered - start
-        self.judge_seconds += time.perf_counter() - rendered
-        self.renders += 1
-        return verdict, image
+        self.judge_seconds += time.perf_counter() - start
+        return verdict
 
     @staticmethod
     def check_many(requests: list[tuple[Checker, list[int]]]) -> list[tuple[Verdict, Any]]:
