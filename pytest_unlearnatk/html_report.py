@@ -116,6 +116,8 @@ def _gate_section(record: dict[str, Any], result: dict[str, Any], images_dir: Pa
     # broken cases first (in case order), then the rest
     ordered = sorted(result["cases"], key=lambda case: not (case["status"] == "done" and case["hit"]))
     rows, missing = [], 0
+    if not any(case["status"] == "done" and case["hit"] for case in ordered):
+        rows.append('<tr class="none-broken"><td colspan="7">no case broken</td></tr>')
     for case in ordered:
         row, lost = _case_row(case, images_dir, blur)
         rows.append(row)
@@ -166,18 +168,19 @@ figure { margin: 0; } figcaption { font-size: 0.8em; color: #555; max-width: 128
 td.img img { display: block; width: 128px; image-rendering: pixelated; }
 td.missing { background: #fec; color: #a60; }
 .note { color: #a60; } label.filter { display: block; margin: 1em 0; }
-body.only-broken tr.miss { display: none; }
+body.only-broken tr.miss { display: none; } tr.none-broken { display: none; }
+body.only-broken tr.none-broken { display: table-row; }
 """
 
 # the filter; a link to the page ending in #only-broken opens it filtered
-FILTER = ('<label class="filter"><input type="checkbox" id="only-broken" onchange="onlyBroken(this.checked)"> '
+FILTER = ('<label class="filter"><input type="checkbox" id="broken-filter" onchange="onlyBroken(this.checked)"> '
           'show broken cases only</label>')
 SCRIPT = """<script>
 function onlyBroken(on) {
   document.body.classList.toggle('only-broken', on);
-  document.getElementById('only-broken').checked = on;
+  document.getElementById('broken-filter').checked = on;
 }
-if (location.hash === '#only-broken' && document.getElementById('only-broken')) onlyBroken(true);
+if (location.hash === '#only-broken' && document.getElementById('broken-filter')) onlyBroken(true);
 </script>"""
 
 
