@@ -8,6 +8,9 @@ from typing import Any
 from .errors import UnlearnAtkError
 
 SCHEDULERS = ("lms", "pipeline")
+# the reference code's default LMSDiscreteScheduler spacing (linspace ignores steps_offset, so the
+# config's is kept: diffusers warns about an offset of 0)
+LMS_SPACING = {"timestep_spacing": "linspace"}
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,9 @@ class RenderSettings:
 
     The reference: LMS scheduler, 50 steps, the model's native size (512 px for SD v1),
     empty negative prompt. ``height``/``width`` of ``None`` mean the pipeline's native size.
+    ``lms`` takes the model's noise schedule and prediction type from its scheduler config but
+    spaces its timesteps as the reference code's default LMS scheduler does (``linspace``),
+    whatever spacing that config names (the toy pipeline's says ``leading``).
     """
 
     scheduler: str = "lms"  # "lms" or "pipeline" (the pipeline's own scheduler)
@@ -42,7 +48,10 @@ class RenderSettings:
         return replace(self, height=self.height or native, width=self.width or native)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if self.scheduler == "lms":
+            values["lms_spacing"] = LMS_SPACING  # part of the store key: results rendered otherwise are not reused
+        return values
 
 
 def noise_schedule(pipeline: Any) -> Any:
@@ -76,7 +85,7 @@ class Renderer:
         if self.settings.scheduler == "lms":
             from diffusers import LMSDiscreteScheduler
 
-            scheduler = LMSDiscreteScheduler.from_config(pipeline.scheduler.config)
+            scheduler = LMSDiscreteScheduler.from_config(pipeline.scheduler.config, **LMS_SPACING)
             # same modules, other scheduler: the caller's pipeline object is left as it was
             pipeline = type(pipeline)(**{**pipeline.components, "scheduler": scheduler}, requires_safety_checker=False)
             pipeline.set_progress_bar_config(disable=True)
