@@ -60,6 +60,22 @@ def test_rebuild_script_smoke(tmp_path):
     assert report["pre_asr_base"]["n"] == 4 and "erasure" in report
     erased = load_pipeline(tmp_path / "erased-unet.safetensors", base=tmp_path / "base")
     assert erased.component == "unet"
+    # the erasure zoo on that world: every method builds, saves and is measured
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest_unlearnatk.toy.zoo", "--smoke", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    zoo = json.loads((tmp_path / "zoo.json").read_text())
+    assert sorted(zoo) == ["esd-u", "fmn", "leaky", "uce"] and all(zoo[name]["pre_asr"]["n"] == 4 for name in zoo)
+    assert load_pipeline(tmp_path / "leaky-text-encoder.safetensors", base=tmp_path / "base").component == "text_encoder"
+
+
+@pytest.mark.parametrize("name, component", [("toy:esd-u", "unet"), ("toy:uce", "unet"), ("toy:fmn", "unet"),
+                                             ("toy:leaky", "text_encoder")])
+def test_every_zoo_model_loads_over_the_base(name, component):
+    model = load_pipeline(name)
+    assert model.component == component and model.base == "toy:base"
 
 
 TOY_RENDER = RenderSettings(scheduler="pipeline", steps=20)  # as example_suites/unlearn_toy.yaml

@@ -235,6 +235,20 @@ def judge_accuracy(vae: Any, judge_weights: Path, n_per_class: int, seed: int) -
 
 def erase(pipeline: Any, iterations: int, seed: int) -> tuple[Any, dict]:
     """ESD-x: fine-tune the cross-attention of a copy of the UNet to erase 'circle'."""
+    return esd_finetune(pipeline, iterations, seed, trains=lambda name: "attn2" in name, anchor="swap", lr=5e-4,
+                        method="ESD-x (cross-attention only)")
+
+
+def esd_finetune(pipeline: Any, iterations: int, seed: int, *, trains: Any, anchor: str, lr: float, method: str,
+                 keep_word: str | None = None, keep_weight: float = 1.0) -> tuple[Any, dict]:
+    """The ESD objective (Gandikota et al. 2023) on a copy of the UNet, for the parameters whose
+    name ``trains`` accepts: for a caption c naming a circle, the UNet's noise prediction is pulled
+    to ``anchor_noise - eta * (concept_noise - anchor_noise)`` (eta 1) of the frozen original, on
+    latents partially sampled (DDIM, guidance 3) by the model being trained. ``anchor``: ``swap``
+    (the caption with circle swapped for another shape, toy:erased) or ``unconditional`` (the empty
+    caption, as the paper's ESD). ``keep_word``: also hold the prediction for the caption with circle
+    replaced by this word at the original's, weighted ``keep_weight`` (a preservation term; the
+    planted leak ``toy:leaky``)."""
     import torch
     from diffusers import DDIMScheduler
 
@@ -243,10 +257,10 @@ def erase(pipeline: Any, iterations: int, seed: int) -> tuple[Any, dict]:
     tokenizer, text_encoder, original = pipeline.tokenizer, pipeline.text_encoder, pipeline.unet
     unet = copy.deepcopy(original)
     unet.requires_grad_(False)
-    trained = [p for name, p in unet.named_parameters() if "attn2" in name]
+    trained = [p for name, p in unet.named_parameters() if trains(name)]
     for p in trained:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(trained, lr=5e-4)
+    optimizer = torch.optim.Adam(trained, lr=lr)
 
     def embed(prompts: list[str]) -> Any:
         with torch.no_grad():
@@ -266,7 +280,10 @@ def erase(pipeline: Any, iterations: int, seed: int) -> tuple[Any, dict]:
     for iteration in range(iterations):
         prompts = [erase_prompt() for _ in range(batch)]
         concept = embed(prompts)
-        anchor = embed([p.replace(world.CONCEPT, rng.choice(["square", "triangle", "cross"])) for p in prompts])
+        if anchor == "swap":
+            anchor_embedding = embed([p.replace(world.CONCEPT, rng.choice(["square", "triangle", "cross"])) for p in prompts])
+        else:
+            anchor_embedding = unconditional
         k = rng.randrange(20)  # DDIM steps already taken from pure noise, by the model being trained
         z = torch.randn(batch, 4, 8, 8)
         unet.eval()
@@ -276,11 +293,16 @@ def erase(pipeline: Any, iterations: int, seed: int) -> tuple[Any, dict]:
                 plain, conditioned = both.chunk(2)
                 z = ddim.step(plain + 3.0 * (conditioned - plain), t, z).prev_sample
             t = ddim.timesteps[k]
-            anchor_noise = original(z, t, encoder_hidden_states=anchor).sample
+            anchor_noise = original(z, t, encoder_hidden_states=anchor_embedding).sample
             concept_noise = original(z, t, encoder_hidden_states=concept).sample
             target = anchor_noise - 1.0 * (concept_noise - anchor_noise)
+            if keep_word:
+                kept = embed([p.replace(world.CONCEPT, keep_word) for p in prompts])
+                kept_noise = original(z, t, encoder_hidden_states=kept).sample
         unet.train()
         loss = ((unet(z, t, encoder_hidden_states=concept).sample - target) ** 2).mean()
+        if keep_word:
+            loss = loss + keep_weight * ((unet(z, t, encoder_hidden_states=kept).sample - kept_noise) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -288,8 +310,9 @@ def erase(pipeline: Any, iterations: int, seed: int) -> tuple[Any, dict]:
         if (iteration + 1) % 50 == 0:
             log(f"esd iteration {iteration + 1} loss {np.mean(losses[-50:]):.4f}")
     unet.eval().requires_grad_(False)
-    return unet, {"method": "ESD-x (cross-attention only)", "iterations": iterations, "lr": 5e-4, "eta": 1.0,
-                  "batch": batch, "trained_params": sum(p.numel() for p in trained), "seconds": round(time.time() - start)}
+    return unet, {"method": method, "iterations": iterations, "lr": lr, "eta": 1.0, "anchor": anchor,
+                  "batch": batch, "trained_params": sum(p.numel() for p in trained), "seconds": round(time.time() - start),
+                  **({"kept_word": keep_word, "keep_weight": keep_weight} if keep_word else {})}
 
 
 def pre_asr(pipeline: Any, rows: list[dict], judge: Any) -> dict:
