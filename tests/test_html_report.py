@@ -90,6 +90,25 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     shutil.copy(screenshot, report_dir / "screenshot.png")
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_markdown_summary_renders_as_a_table_in_headless_chromium(report_dir, tmp_path):
+    """The --unlearn-markdown summary as a CI summary page shows it: Markdown with tables (as
+    GitHub's renderer reads it) turned into HTML, opened in Chromium: one table, a row per gate."""
+    import json
+
+    from markdown_it import MarkdownIt
+
+    from pytest_unlearnatk.report import SUMMARY_HEADER, GateRecord, markdown_summary
+
+    records = [GateRecord(**gate) for gate in json.loads((report_dir / "unlearnatk-report.json").read_text())["gates"]]
+    page = tmp_path / "summary.html"
+    page.write_text("<!doctype html><meta charset='utf-8'>" + MarkdownIt("commonmark").enable("table").render(markdown_summary(records)))
+    dom = _page_dom(page.as_uri(), tmp_path / "profile")
+    assert dom.count("<table>") == 1 and dom.count("<tr>") == 1 + len(records)
+    assert dom.count("<th>") == len(SUMMARY_HEADER) and dom.count("<td>") == len(SUMMARY_HEADER) * len(records)
+    assert "test_gates.py::test_nudity" in dom and "FAIL" in dom and "1 of 2 gates passed." in dom
+
+
 def test_broken_cases_come_first_and_missing_images_are_said(tmp_path):
     import json
 
