@@ -1,0 +1,79 @@
+"""Does the attack find what an erasure leaves? One table over the toy erasure zoo.
+
+    python benchmarks/validity.py [--quick] [--models erased esd-u uce fmn leaky] [--cases 48]
+                                  [--reference-cases 24] [--batch 8]
+
+Rows: the toy world's unlearned models (docs/validity.md says how each was made). Columns, each
+with its 95% Wilson interval and seconds per case: the plain prompts (pre-ASR), random tokens at
+the `fast` budget (the same number of renders as UnlearnDiffAtk's checks), UnlearnDiffAtk `fast`,
+and UnlearnDiffAtk `reference` on the first ``--reference-cases`` prompts (0 leaves it out: about
+a minute per case here). Judge ``toy_circle``, targets from ``toy:base``, DDIM 20-step renders as
+in the main job; no store, so every number is computed now. ``toy:leaky`` is the known answer:
+its erasure keeps the word "orb" drawing circles, so an attack that works breaks most of its
+cases while plain prompts and random tokens do not.
+
+``--quick``: toy:erased and toy:leaky, 8 prompts, no reference column (a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, summary
+
+MODELS = ("erased", "esd-u", "uce", "fmn", "leaky")
+COLUMNS = (("pre-ASR", "no_attack", None), ("random", "random", "fast"), ("UnlearnDiffAtk fast", "unlearndiffatk", "fast"),
+           ("UnlearnDiffAtk reference", "unlearndiffatk", "reference"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="toy:erased and toy:leaky, 8 prompts, no reference column")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--cases", type=int, default=48, help="prompts of toy:circle per column (default: all 48)")
+    parser.add_argument("--reference-cases", type=int, default=24, help="prompts for the reference column (0: leave it out)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--columns", nargs="+", default=[name for name, _, _ in COLUMNS], choices=[name for name, _, _ in COLUMNS],
+                        metavar="COLUMN", help="columns to compute (default: all): " + ", ".join(repr(n) for n, _, _ in COLUMNS))
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.cases, args.reference_cases = ["erased", "leaky"], 8, 0
+
+    from pytest_unlearnatk import load_cases, load_pipeline, run_gate
+    from pytest_unlearnatk.render import RenderSettings
+    from pytest_unlearnatk.report import wilson_interval
+
+    print(machine())
+    base, render = load_pipeline("toy:base"), RenderSettings("pipeline", 20)
+    cases = load_cases("toy:circle")
+    wanted = [(name, attack, budget) for name, attack, budget in COLUMNS
+              if name in args.columns and (budget != "reference" or args.reference_cases)]
+    header = ["model", *(name for name, _, _ in wanted)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    values = {}
+    for name in args.models:
+        model = load_pipeline(f"toy:{name}")
+        cells = [f"toy:{name}"]
+        for column, attack, budget in wanted:
+            count = args.reference_cases if budget == "reference" else args.cases
+            start = time.perf_counter()
+            result = run_gate(model, cases[:count], "toy_circle", attack=attack, budget=budget, base=base, render=render,
+                              batch_size=args.batch, concept="circle", progress=False)
+            per_case = (time.perf_counter() - start) / result.n
+            hits = sum(case.hit for case in result.counted)
+            low, high = wilson_interval(hits, result.n)
+            cells.append(f"{hits}/{result.n} = {hits / result.n:.0%} ({low:.0%}-{high:.0%}), {per_case:.1f} s/case")
+            key = f"{name}_{attack if attack != 'unlearndiffatk' else 'uda'}{'_' + budget if budget else ''}".replace("-", "_")
+            values[key] = round(hits / result.n, 4)
+            print(f"toy:{name} {column}: {cells[-1]}", flush=True)
+        lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    print(summary(values))
+
+
+if __name__ == "__main__":
+    main()

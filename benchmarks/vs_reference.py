@@ -1,0 +1,222 @@
+"""Our UnlearnDiffAtk next to a port of the authors' attack loop, on the same cases.
+
+    python benchmarks/vs_reference.py [--quick] [--model leaky] [--cases 24] [--blocks 50] [--steps 40]
+
+The port (class ``ReferenceLoop``) is our own code written to keep the semantics of the
+reference implementation (OPTML-Group/Diffusion-MU-Attack, ``TextGrad`` with the classifier
+task): one case at a time; k token distributions on the simplex, uniform at the start; each step
+draws one token per slot with ``torch.multinomial`` (straight-through gradient, clipped to
+[-1, 1]); Adam (lr 0.01, weight decay 0.1); a per-row bisection projection back onto the simplex
+to 1e-5; the loss is the MSE between the unlearned UNet's noise prediction for the target's
+latent noised at t and that noise, drawn from the *global* torch RNG, which every check re-seeds
+with the case's seed, so each block of steps replays the same noise; t runs 10, 30, ..., 990
+with ``--steps`` steps each; after each block the argmax tokens are decoded to text,
+re-tokenized, and rendered with a default LMS scheduler (linspace spacing, 50 steps), with the
+two UNet calls of classifier-free guidance.
+
+Ours runs the ``reference`` budget of the ``unlearndiffatk`` attack in batches (``--batch``).
+Both use the same model, cases, target images (``toy:base``, cached) and judge (``toy_circle``).
+Prints hits/n with Wilson 95% intervals, seconds per case, and the time ratio.
+``--quick``: 2 cases, 3 blocks of 10 steps (a sanity check, not a comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, summary
+
+
+def bisection_projection(row: Any, xi: float = 1e-5) -> Any:
+    """The row projected onto the probability simplex: clip(row - mu, 0, 1) with mu found by
+    bisection until the bracket is narrower than ``xi`` (the reference's per-row loop)."""
+    import torch
+
+    clipped = torch.clip(row, 0, 1)
+    if abs(float(clipped.sum()) - 1.0) <= xi:
+        return clipped
+    low, high = float((row - 1).min()), float(row.max())
+    middle = (low + high) / 2
+    while abs(high - low) > xi:
+        middle = (low + high) / 2
+        at_middle = float(torch.clip(row - middle, 0, 1).sum()) - 1.0
+        at_low = float(torch.clip(row - low, 0, 1).sum()) - 1.0 + 1e-8
+        at_high = float(torch.clip(row - high, 0, 1).sum()) - 1.0
+        if at_middle == 0:
+            break
+        if at_low == 0:
+            middle = low
+            break
+        if at_high == 0:
+            middle = high
+            break
+        if at_middle * at_low < 0:
+            high = middle
+        else:
+            low = middle
+    return torch.clip(row - middle, 0, 1)
+
+
+class ReferenceLoop:
+    """The reference attack loop on one diffusers pipeline (see the module docstring)."""
+
+    def __init__(self, pipeline: Any, judge: Any, k: int = 5, blocks: int = 50, steps: int = 40,
+                 render_steps: int = 50) -> None:
+        import torch
+        from diffusers import LMSDiscreteScheduler
+
+        self.pipeline, self.judge, self.k, self.steps, self.render_steps = pipeline, judge, k, steps, render_steps
+        self.tokenizer, self.text_encoder, self.unet, self.vae = (pipeline.tokenizer, pipeline.text_encoder,
+                                                                 pipeline.unet, pipeline.vae)
+        self.table = self.text_encoder.get_input_embeddings().weight.detach()
+        self.scheduler = LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                              num_train_timesteps=1000)  # the reference's own, not the model's
+        first = 1000 // 50 // 2
+        self.timesteps = list(range(first, 1000, 1000 // 50))[:blocks]
+        self.eos = self.tokenizer.eos_token_id
+        self.latent_size = self.unet.config.sample_size
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.requires_grad_(False)
+        self.renders = 0
+        torch.set_grad_enabled(True)
+
+    def ids(self, text: str) -> Any:
+        return self.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    def encode(self, ids: Any, adversarial: Any = None) -> Any:
+        """Hidden states of ``ids``; ``adversarial`` (k x width) replaces the embeddings at 1..k."""
+        from pytest_unlearnatk.attacks.unlearndiffatk import EmbeddingInjector
+
+        injector = EmbeddingInjector(self.text_encoder, list(range(1, self.k + 1)))
+        with injector.active():
+            injector.embeddings = adversarial
+            return self.text_encoder(ids)[0]
+
+    def render(self, text: str, seed: int, guidance: float) -> Any:
+        """The reference's check: the text tokenized again, LMS sampling from the global RNG seeded with ``seed``."""
+        import torch
+        from PIL import Image
+
+        with torch.no_grad():
+            conditional, unconditional = self.encode(self.ids(text)), self.encode(self.ids(""))
+            torch.manual_seed(seed)
+            latents = torch.randn((1, self.unet.config.in_channels, self.latent_size, self.latent_size))
+            self.scheduler.set_timesteps(self.render_steps)
+            latents = latents * self.scheduler.init_noise_sigma
+            for t in self.scheduler.timesteps:
+                scaled = self.scheduler.scale_model_input(latents, t)
+                plain = self.unet(scaled, t, encoder_hidden_states=unconditional).sample
+                prompted = self.unet(scaled, t, encoder_hidden_states=conditional).sample
+                latents = self.scheduler.step(plain + guidance * (prompted - plain), t, latents).prev_sample
+            image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        self.renders += 1
+        pixels = ((image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        return Image.fromarray(pixels)
+
+    def check(self, text: str, seed: int, guidance: float) -> bool:
+        return bool(self.judge([self.render(text, seed, guidance)])[0].hit)
+
+    def attack(self, case: Any, target: Any) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        if self.check(case.prompt, case.seed, case.guidance):
+            return {"hit": True, "by": "plain", "step": 0}
+        ids = self.ids(case.prompt)
+        length = int((ids[0] == self.eos).nonzero()[0]) - 1  # prompt tokens between start and end
+        # the prompt moved right by k: start, k adversarial slots, the prompt, then end/padding
+        shifted = torch.cat([ids[:, :1], ids[:, :1].repeat(1, self.k), ids[:, 1:1 + length], ids[:, 1 + length: 77 - self.k]], dim=1)
+        pixels = torch.from_numpy(np.asarray(target.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            x0 = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        vocabulary = self.table.shape[0]
+        probabilities = torch.full((self.k, vocabulary), 1.0 / vocabulary, requires_grad=True)
+        optimizer = torch.optim.Adam([probabilities], lr=0.01, weight_decay=0.1)
+        alphas = self.scheduler.alphas_cumprod
+        step = 0
+        for t in self.timesteps:
+            for _ in range(self.steps):
+                optimizer.zero_grad()
+                sampled = torch.multinomial(probabilities.detach(), 1).view(-1)
+                one_hot = torch.nn.functional.one_hot(sampled, vocabulary).float()
+                # straight-through: the forward uses the sampled one-hot, the gradient reaches the probabilities
+                relaxed = one_hot + probabilities - probabilities.detach()
+                adversarial = relaxed @ self.table
+                noise = torch.randn((1, 4, self.latent_size, self.latent_size))
+                noised = x0 * alphas[t] ** 0.5 + noise * (1 - alphas[t]) ** 0.5
+                prediction = self.unet(noised, t, encoder_hidden_states=self.encode(shifted, adversarial)).sample
+                loss = torch.nn.functional.mse_loss(prediction, noise)
+                gradient = torch.autograd.grad(loss, [probabilities])[0]
+                probabilities.grad = torch.nn.functional.hardtanh(gradient)
+                optimizer.step()
+                with torch.no_grad():
+                    probabilities.data = torch.stack([bisection_projection(row) for row in probabilities])
+                step += 1
+            chosen = probabilities.detach().argmax(-1)
+            full = torch.cat([ids[:, :1], chosen[None], ids[:, 1:1 + length], ids[:, 1 + length: 77 - self.k]], dim=1)
+            text = self.tokenizer.decode([i for i in full[0, 1:].tolist() if i != self.eos])
+            if self.check(text, case.seed, case.guidance):
+                return {"hit": True, "by": "attack", "step": step, "text": text}
+        return {"hit": False, "by": None, "step": step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 cases, 3 blocks of 10 steps")
+    parser.add_argument("--model", default="leaky", help="a toy model: erased, esd-u, uce, fmn, leaky")
+    parser.add_argument("--cases", type=int, default=24)
+    parser.add_argument("--blocks", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    if args.quick:
+        args.cases, args.blocks, args.steps = 2, 3, 10
+
+    from pytest_unlearnatk import get_judge, get_preset, load_cases, load_pipeline, run_gate
+    from pytest_unlearnatk.render import RenderSettings
+    from pytest_unlearnatk.report import wilson_interval
+    from pytest_unlearnatk.targets import RenderedTargets
+    from pytest_unlearnatk.tokens import TokenLayout
+
+    print(machine())
+    model, base = load_pipeline(f"toy:{args.model}"), load_pipeline("toy:base")
+    judge, cases = get_judge("toy_circle"), load_cases("toy:circle")[: args.cases]
+    render = RenderSettings("lms", 50)
+    config = replace(get_preset("reference"), num_timesteps=args.blocks, steps_per_timestep=args.steps)
+    start = time.perf_counter()
+    ours = run_gate(model, cases, judge, budget=config, base=base, render=render, batch_size=args.batch, progress=False)
+    ours_seconds = (time.perf_counter() - start) / len(cases)
+    ours_hits = sum(case.hit for case in ours.counted)
+
+    targets = RenderedTargets(base, RenderSettings("lms", 50).resolved(model.pipeline))
+    layout = TokenLayout.from_pipeline(model.pipeline)
+    loop = ReferenceLoop(model.pipeline, judge, blocks=args.blocks, steps=args.steps)
+    start, port_hits, lines = time.perf_counter(), 0, []
+    for case in cases:
+        target = targets(case, layout.sequence(model.pipeline.tokenizer(case.prompt, add_special_tokens=False).input_ids))
+        outcome = loop.attack(case, target)
+        port_hits += outcome["hit"]
+        ours_case = ours.cases[case_index(ours, case)]
+        lines.append(f"case {case.case_id}: port {outcome}, ours hit={ours_case.hit} by {ours_case.hit_by} step {ours_case.hit_step}")
+        print(lines[-1], flush=True)
+    port_seconds = (time.perf_counter() - start) / len(cases)
+    for name, hits, seconds in (("ours", ours_hits, ours_seconds), ("port", port_hits, port_seconds)):
+        low, high = wilson_interval(hits, len(cases))
+        print(f"{name}: {hits}/{len(cases)} = {hits / len(cases):.1%} (95% CI {low:.0%}-{high:.0%}), {seconds:.1f} s/case")
+    print(summary({"model": args.model, "cases": len(cases), "ours_asr": round(ours_hits / len(cases), 4),
+                   "port_asr": round(port_hits / len(cases), 4), "ours_s_per_case": round(ours_seconds, 2),
+                   "port_s_per_case": round(port_seconds, 2), "time_ratio": round(ours_seconds / port_seconds, 3)}))
+
+
+def case_index(result: Any, case: Any) -> int:
+    return [c.case.case_id for c in result.cases].index(case.case_id)
+
+
+if __name__ == "__main__":
+    main()
