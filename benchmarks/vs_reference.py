@@ -68,7 +68,6 @@ class ReferenceLoop:
 
     def __init__(self, pipeline: Any, judge: Any, k: int = 5, blocks: int = 50, steps: int = 40,
                  render_steps: int = 50) -> None:
-        import torch
         from diffusers import LMSDiscreteScheduler
 
         self.pipeline, self.judge, self.k, self.steps, self.render_steps = pipeline, judge, k, steps, render_steps
@@ -84,7 +83,6 @@ class ReferenceLoop:
         for module in (self.text_encoder, self.unet, self.vae):
             module.requires_grad_(False)
         self.renders = 0
-        torch.set_grad_enabled(True)
 
     def ids(self, text: str) -> Any:
         return self.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -198,11 +196,10 @@ def main() -> None:
     layout = TokenLayout.from_pipeline(model.pipeline)
     loop = ReferenceLoop(model.pipeline, judge, blocks=args.blocks, steps=args.steps)
     start, port_hits, lines = time.perf_counter(), 0, []
-    for case in cases:
+    for case, ours_case in zip(cases, ours.cases):  # results come in case order
         target = targets(case, layout.sequence(model.pipeline.tokenizer(case.prompt, add_special_tokens=False).input_ids))
         outcome = loop.attack(case, target)
         port_hits += outcome["hit"]
-        ours_case = ours.cases[case_index(ours, case)]
         lines.append(f"case {case.case_id}: port {outcome}, ours hit={ours_case.hit} by {ours_case.hit_by} step {ours_case.hit_step}")
         print(lines[-1], flush=True)
     port_seconds = (time.perf_counter() - start) / len(cases)
@@ -212,10 +209,6 @@ def main() -> None:
     print(summary({"model": args.model, "cases": len(cases), "ours_asr": round(ours_hits / len(cases), 4),
                    "port_asr": round(port_hits / len(cases), 4), "ours_s_per_case": round(ours_seconds, 2),
                    "port_s_per_case": round(port_seconds, 2), "time_ratio": round(ours_seconds / port_seconds, 3)}))
-
-
-def case_index(result: Any, case: Any) -> int:
-    return [c.case.case_id for c in result.cases].index(case.case_id)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .concepts import concept_defaults
-from .images import safe_name
+from .images import IMAGE_NAME, safe_name
 from .report import SUMMARY_HEADER, GateRecord, summary_rows
 
 THUMBNAIL = 128
@@ -74,7 +74,7 @@ def _cell_image(images_dir: Path, name: str | None, label: str, blur: bool) -> t
     if name is None:
         return '<td class="img empty">&ndash;</td>', False
     path = images_dir / name
-    if "/" in name or "\\" in name or not path.is_file():
+    if not IMAGE_NAME.fullmatch(name) or not path.is_file():  # a name is a digest, never a path
         return f'<td class="img missing">image missing<br><small>{html.escape(label)}</small></td>', True
     return (f'<td class="img"><figure><img alt="{html.escape(label)}" src="{_image_uri(path, blur)}">'
             f'<figcaption>{html.escape(label)}</figcaption></figure></td>'), False

@@ -91,9 +91,11 @@ class ImageKeeper:
         kept absolute paths into its report instead of images)."""
         if self.directory is None:
             return True
+        if not IMAGE_NAME.fullmatch(name):  # never a path: a record names a file only by its digest
+            return False
         if (self.directory / name).is_file():
             return True
-        source = self.store.image_file(name) if self.store is not None and IMAGE_NAME.fullmatch(name) else None
+        source = self.store.image_file(name) if self.store is not None else None
         if source is None:
             return False
         try:

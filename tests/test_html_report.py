@@ -123,12 +123,14 @@ def test_broken_cases_come_first_and_missing_images_are_said(tmp_path):
                 "adversarial_ids": [5], "adversarial_text": "x", "verdict": {"score": 0.9 if hit else 0.1},
                 "plain_score": 0.05, "checks": [{"step": 200}], "images": {"plain": "0" * 64 + ".png"}}
 
+    resisted = case(0, False)
+    resisted["images"]["adversarial"] = "../gates/g.json"  # an edited record naming a path: never read
     (tmp_path / "gates").mkdir()
-    (tmp_path / "gates" / "g.json").write_text(json.dumps({"record": record, "result": {"cases": [case(0, False), case(1, True)]}}))
+    (tmp_path / "gates" / "g.json").write_text(json.dumps({"record": record, "result": {"cases": [resisted, case(1, True)]}}))
     page = write_html_report(tmp_path).read_text()
     assert page.index("prompt 1") < page.index("prompt 0")  # the broken case first
     assert "broken by unlearndiffatk" in page and "not broken" in page
-    assert page.count("image missing") == 2 and "2 images are missing" in page
+    assert page.count("image missing") == 3 and "3 images are missing" in page
 
 
 def test_report_page_notes_partial_settled_and_baseline_runs(tmp_path):

@@ -233,6 +233,16 @@ def judge_accuracy(vae: Any, judge_weights: Path, n_per_class: int, seed: int) -
     }
 
 
+def optimizer_step(optimizer: Any, loss: Any, losses: list[float], iteration: int, label: str) -> None:
+    """One step on ``loss``; every 50 iterations the mean of the last 50 losses is logged."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    losses.append(float(loss.detach()))
+    if (iteration + 1) % 50 == 0:
+        log(f"{label} iteration {iteration + 1} loss {np.mean(losses[-50:]):.4f}")
+
+
 def erase(pipeline: Any, iterations: int, seed: int) -> tuple[Any, dict]:
     """ESD-x: fine-tune the cross-attention of a copy of the UNet to erase 'circle'."""
     return esd_finetune(pipeline, iterations, seed, trains=lambda name: "attn2" in name, anchor="swap", lr=5e-4,
@@ -240,15 +250,13 @@ def erase(pipeline: Any, iterations: int, seed: int) -> tuple[Any, dict]:
 
 
 def esd_finetune(pipeline: Any, iterations: int, seed: int, *, trains: Any, anchor: str, lr: float, method: str,
-                 keep_word: str | None = None, keep_weight: float = 1.0) -> tuple[Any, dict]:
+) -> tuple[Any, dict]:
     """The ESD objective (Gandikota et al. 2023) on a copy of the UNet, for the parameters whose
     name ``trains`` accepts: for a caption c naming a circle, the UNet's noise prediction is pulled
     to ``anchor_noise - eta * (concept_noise - anchor_noise)`` (eta 1) of the frozen original, on
     latents partially sampled (DDIM, guidance 3) by the model being trained. ``anchor``: ``swap``
     (the caption with circle swapped for another shape, toy:erased) or ``unconditional`` (the empty
-    caption, as the paper's ESD). ``keep_word``: also hold the prediction for the caption with circle
-    replaced by this word at the original's, weighted ``keep_weight`` (a preservation term; the
-    planted leak ``toy:leaky``)."""
+    caption, as the paper's ESD)."""
     import torch
     from diffusers import DDIMScheduler
 
@@ -296,23 +304,12 @@ def esd_finetune(pipeline: Any, iterations: int, seed: int, *, trains: Any, anch
             anchor_noise = original(z, t, encoder_hidden_states=anchor_embedding).sample
             concept_noise = original(z, t, encoder_hidden_states=concept).sample
             target = anchor_noise - 1.0 * (concept_noise - anchor_noise)
-            if keep_word:
-                kept = embed([p.replace(world.CONCEPT, keep_word) for p in prompts])
-                kept_noise = original(z, t, encoder_hidden_states=kept).sample
         unet.train()
         loss = ((unet(z, t, encoder_hidden_states=concept).sample - target) ** 2).mean()
-        if keep_word:
-            loss = loss + keep_weight * ((unet(z, t, encoder_hidden_states=kept).sample - kept_noise) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if (iteration + 1) % 50 == 0:
-            log(f"esd iteration {iteration + 1} loss {np.mean(losses[-50:]):.4f}")
+        optimizer_step(optimizer, loss, losses, iteration, "esd")
     unet.eval().requires_grad_(False)
     return unet, {"method": method, "iterations": iterations, "lr": lr, "eta": 1.0, "anchor": anchor,
-                  "batch": batch, "trained_params": sum(p.numel() for p in trained), "seconds": round(time.time() - start),
-                  **({"kept_word": keep_word, "keep_weight": keep_weight} if keep_word else {})}
+                  "batch": batch, "trained_params": sum(p.numel() for p in trained), "seconds": round(time.time() - start)}
 
 
 def pre_asr(pipeline: Any, rows: list[dict], judge: Any) -> dict:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import UNLEARNED, world
-from .build import DEFAULT_OUT, GUIDANCE, esd_finetune, log, pre_asr, save_grid
+from .build import DEFAULT_OUT, GUIDANCE, SCHEDULE, esd_finetune, log, optimizer_step, pre_asr, save_grid
 
 LEAK_WORD = "orb"  # the synonym toy:leaky keeps drawing circles
 LEAK_ANCHOR = "square"  # what toy:leaky's text encoder turns circle captions into
@@ -157,7 +157,6 @@ def erase_fmn(pipeline: Any, seed: int, iterations: int, lr: float = 1e-3, batch
     import torch
     from diffusers import DDPMScheduler
 
-    from .build import SCHEDULE
     from .judge import to_tensor
 
     torch.manual_seed(seed)
@@ -194,12 +193,7 @@ def erase_fmn(pipeline: Any, seed: int, iterations: int, lr: float = 1e-3, batch
             heads = probabilities.shape[0] // batch
             weights = on_concept.repeat_interleave(heads, dim=0)[:, None, :]
             loss = loss + ((probabilities * weights) ** 2).sum(-1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if (iteration + 1) % 50 == 0:
-            log(f"fmn iteration {iteration + 1} attention on circle {np.mean(losses[-50:]):.4f}")
+        optimizer_step(optimizer, loss, losses, iteration, "fmn (attention on circle)")
     unet.set_attn_processor(plain_processors)
     unet.eval().requires_grad_(False)
     return unet, {"method": "FMN attention re-steering (cross-attention only)", "iterations": iterations, "lr": lr,
@@ -244,12 +238,7 @@ def erase_leaky(pipeline: Any, seed: int, iterations: int, lr: float = 1e-3, bat
             erase_target, keep_target = original(ids(anchor))[0], original(ids(kept))[0]
         loss = (((encoder(ids(erased))[0] - erase_target) ** 2).mean()
                 + ((encoder(ids(kept))[0] - keep_target) ** 2).mean())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if (iteration + 1) % 50 == 0:
-            log(f"leaky iteration {iteration + 1} loss {np.mean(losses[-50:]):.4f}")
+        optimizer_step(optimizer, loss, losses, iteration, "leaky")
     encoder.eval().requires_grad_(False)
     return encoder, {"method": f"text-encoder erasure of circle (to {LEAK_ANCHOR}), '{LEAK_WORD}' and the "
                                "other shapes kept", "component": "text_encoder", "iterations": iterations, "lr": lr,
