@@ -345,6 +345,29 @@ def test_a_block_renders_each_candidate_the_same_whatever_shares_it(tiny_model):
     assert checker.renders == 5  # padding rows are not counted as renders
 
 
+def test_checks_of_several_cases_render_each_image_as_in_any_other_company(tiny_model):
+    """The attack renders the checks of all cases that end a block together, in batches of its
+    batch size: each image must be the one its case gets in any other company and at any row,
+    with its own seed and guidance (a case with another guidance goes in a batch of its own)."""
+    from pytest_unlearnatk.attacks import Checker
+    from pytest_unlearnatk.judges import get_judge
+
+    layout = TokenLayout.from_pipeline(tiny_model.pipeline)
+    renderer = Renderer(tiny_model.pipeline, FAST_RENDER)
+    cases = load_cases([{"prompt": f"a photo number {i}", "seed": 10 + i, "guidance": 7.5 if i < 3 else 3.0}
+                        for i in range(4)])
+    checkers = [Checker(renderer, get_judge(never), case) for case in cases]
+    ids = [layout.sequence([320, 1000 + 7 * i]) for i in range(4)]
+    together = Checker.check_many(list(zip(checkers, ids)), rows=4)
+    shuffled = Checker.check_many([(checkers[0], ids[0]), (checkers[2], ids[2]), (checkers[1], ids[1])], rows=4)
+    alone = [Checker.check_many([(checker, i)], rows=4)[0] for checker, i in zip(checkers, ids)]
+    pixels = [np.asarray(image) for _, image in together]
+    assert np.array_equal(pixels[0], np.asarray(shuffled[0][1])) and np.array_equal(pixels[1], np.asarray(shuffled[2][1]))
+    assert all(np.array_equal(p, np.asarray(image)) for p, (_, image) in zip(pixels, alone))
+    assert not np.array_equal(pixels[0], pixels[1])  # each row has its own prompt and seed
+    assert [checker.renders for checker in checkers] == [3, 3, 3, 2]  # padding rows are not counted
+
+
 def test_weights_file_model_renders_targets_with_its_own_base(tiny_dir, other_tiny_dir, tmp_path):
     """No base= given: a model loaded as weights over a base uses that base for its targets."""
     from diffusers import UNet2DConditionModel
@@ -434,8 +457,8 @@ def test_batched_cases_get_exactly_their_results_alone(tiny_dir, other_tiny_dir,
 
 
 def test_a_resumed_run_gives_each_case_the_result_of_an_uninterrupted_one_in_float32(tiny_dir, other_tiny_dir, tmp_path):
-    """The model always runs the batch's full shape (free places padded) and every check is
-    rendered and judged alone, so in float32 too a case's tokens and verdict do not depend on
+    """The model always runs the batch's full shape (free places padded) and checks are rendered
+    in batches of that fixed size and judged alone, so in float32 too a case's tokens and verdict do not depend on
     which cases share its batch: a run killed after 3 cases and resumed gives every case the same
     result as one uninterrupted run, at the same batch size. (The judge hashes the image bytes: a
     single pixel's rounding would show.)"""

@@ -20,10 +20,12 @@ from ..tokens import FittedPrompt, TokenLayout
 class Checker:
     """Renders an id sequence with the unlearned model and judges it; counts renders and time.
 
-    Every image is rendered and judged on its own, never in a batch with other cases' images:
-    batched kernels round differently, and a judge's line can fall inside that rounding, so a
-    case's verdict would depend on which cases happened to share its batch (and so on batch size
-    and on where an interrupted run was resumed). docs/performance.md has what this costs.
+    Images are judged one at a time. They are rendered alone or in batches of a fixed number of
+    rows, never in a batch whose shape depends on how many candidates happen to be waiting:
+    kernels round differently at other shapes, and a judge's line can fall inside that rounding,
+    so a case's verdict would depend on which cases shared its batch (and so on where an
+    interrupted run was resumed). At a fixed shape each row is computed the same whatever the
+    other rows hold (tests/test_attack.py checks it bit for bit). docs/performance.md has the costs.
     """
 
     def __init__(self, renderer: Renderer, judge: Judge, case: Case) -> None:
@@ -38,17 +40,11 @@ class Checker:
 
     def render_block(self, id_sequences: list[list[int]], rows: int) -> list[Any]:
         """Images of up to ``rows`` candidates of this case, rendered as one batch of exactly
-        ``rows`` (padded with copies of the last candidate, whose images are dropped). A batch of
-        a fixed shape computes each row the same whatever the other rows hold, so a candidate's
-        image depends on ``rows``, never on its neighbours (nor on where a run was resumed)."""
+        ``rows`` (padded with copies of the last candidate, whose images are dropped), so that a
+        candidate's image depends on ``rows``, never on its neighbours."""
         if not 1 <= len(id_sequences) <= rows:
             raise ValueError(f"{len(id_sequences)} candidates for a block of {rows}")
-        padded = list(id_sequences) + [id_sequences[-1]] * (rows - len(id_sequences))
-        start = time.perf_counter()
-        images = self.renderer.render_many(padded, [self.case.seed] * rows, [self.case.guidance] * rows)
-        self.render_seconds += time.perf_counter() - start
-        self.renders += len(id_sequences)
-        return images[: len(id_sequences)]
+        return render_in_blocks([(self, ids) for ids in id_sequences], rows)
 
     def judge_image(self, image: Any) -> Verdict:
         """The judge's verdict on one image of this case, judged alone."""
@@ -58,9 +54,39 @@ class Checker:
         return verdict
 
     @staticmethod
-    def check_many(requests: list[tuple[Checker, list[int]]]) -> list[tuple[Verdict, Any]]:
-        """Render and judge several cases' candidates, each on its own (see the class)."""
-        return [checker(ids) for checker, ids in requests]
+    def check_many(requests: list[tuple[Checker, list[int]]], rows: int = 1) -> list[tuple[Verdict, Any]]:
+        """Render several cases' candidates in batches of exactly ``rows`` (see
+        :func:`render_in_blocks`) and judge each image alone; ``rows=1`` renders each alone."""
+        images = render_in_blocks(requests, rows)
+        return [(checker.judge_image(image), image) for (checker, _), image in zip(requests, images)]
+
+
+def render_in_blocks(requests: list[tuple[Checker, list[int]]], rows: int) -> list[Any]:
+    """One image per (checker, ids) request, each at its case's seed and guidance, rendered in
+    batches of exactly ``rows`` images: requests that share a renderer and a guidance value are
+    rendered together, ``rows`` at a time, the last batch padded with copies of its last request
+    (their images are dropped). Each checker is charged its share of the batch's time."""
+    if rows < 1:
+        raise ValueError(f"blocks of {rows} rows")
+    groups: dict[tuple[int, float], list[int]] = {}
+    for index, (checker, _) in enumerate(requests):
+        groups.setdefault((id(checker.renderer), float(checker.case.guidance)), []).append(index)
+    images: list[Any] = [None] * len(requests)
+    for indices in groups.values():
+        for first in range(0, len(indices), rows):
+            chunk = indices[first:first + rows]
+            padded = chunk + [chunk[-1]] * (rows - len(chunk))
+            cases = [requests[i][0].case for i in padded]
+            start = time.perf_counter()
+            rendered = requests[chunk[0]][0].renderer.render_many(
+                [requests[i][1] for i in padded], [case.seed for case in cases], [case.guidance for case in cases])
+            share = (time.perf_counter() - start) / len(chunk)
+            for i, image in zip(chunk, rendered):
+                checker = requests[i][0]
+                images[i] = image
+                checker.renders += 1
+                checker.render_seconds += share
+    return images
 
 
 def judge_one(judge: Judge, image: Any) -> Verdict:

@@ -274,8 +274,9 @@ class UnlearnDiffAtk:
         # "version" changes whenever the same settings would find other tokens (it is part of the
         # store key): 2 = inverse-CDF token sampling, per-case Adam in a batch; 3 = the exact Newton
         # projection (it rounds differently from the bisection of version 2); 4 = the model always
-        # runs the batch's full shape, and checks are rendered alone (other rounding in part-full batches)
-        return {**asdict(self.config), "version": 4}
+        # runs the batch's full shape, and checks are rendered alone (other rounding in part-full batches);
+        # 5 = checks are rendered in batches of the attack's batch size (other rounding than alone)
+        return {**asdict(self.config), "version": 5}
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
         """Attack one case (a batch of one)."""
@@ -287,8 +288,9 @@ class UnlearnDiffAtk:
                  case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
         """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
 
-        The cases of a batch share every text-encoder and UNet call and their success checks are
-        rendered and judged together; a finished case's place goes to the next job at once. Each
+        The cases of a batch share every text-encoder and UNet call, and their success checks are
+        rendered together, in batches of exactly ``batch_size`` images (padded), then judged one
+        by one; a finished case's place goes to the next job at once. Each
         case keeps its own generator, optimizer state and timestep sweep, so it gets the tokens
         and verdict it gets alone (losses agree up to float rounding). ``jobs`` is read lazily:
         the next job is taken only when a place is free. ``batch_size``: a number, or ``"auto"``
@@ -566,7 +568,7 @@ class _BatchedOptimization:
             layout = slot.job.context.layout
             requests.append((slot.job.context.check, layout.sequence(slot.job.prompt.content_ids, candidate)))
             waiting.append((i, candidate))
-        for (i, candidate), (verdict, image) in zip(waiting, Checker.check_many(requests)):
+        for (i, candidate), (verdict, image) in zip(waiting, Checker.check_many(requests, rows=self.batch_size)):
             slot = self.slots[i]
             outcome = slot.outcome
             outcome.checks.append(CandidateCheck(outcome.steps, slot.timestep, candidate, rendered=True, hit=verdict.hit,
