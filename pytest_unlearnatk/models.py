@@ -1,4 +1,5 @@
-"""Load the pipelines under test: a diffusers directory, a hub id, or a weights file over a base.
+"""Load the pipelines under test: a diffusers directory, a hub id, an original single-file
+checkpoint, or a weights / LoRA file over a base (the formats: :mod:`pytest_unlearnatk.formats`).
 
 Everything here is strict. A weights file whose keys do not match the component it is meant for
 fails with the numbers of missing and unexpected keys and a few examples; nothing loads partially.
@@ -17,11 +18,11 @@ from typing import Any
 
 from . import fingerprint as fp
 from .errors import SettingProblem, UnlearnAtkError
-from .options import parse_device, parse_dtype
+from .formats import LDM_UNET_PREFIX, DetectedFormat, detect, key_shapes, shapes_of
+from .options import parse_device, parse_dtype, parse_lora_scale
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 COMPONENTS = ("unet", "text_encoder")
-LDM_UNET_PREFIX = "model.diffusion_model."
 # Groups of an original (CompVis) Stable Diffusion checkpoint that are not the UNet.
 LDM_OTHER_PREFIXES = ("first_stage_model.", "cond_stage_model.", "model_ema.")
 LDM_SCHEDULE_KEYS = {
@@ -45,7 +46,8 @@ class LoadedModel:
     device: str
     dtype: str
     base: str | None = None  # the base pipeline a weights file was applied over
-    component: str | None = None  # which component the weights file replaced
+    component: str | None = None  # which component the weights file replaced ("lora" for an adapter)
+    description: str = ""  # what was loaded, in one line (the report shows it)
 
     @property
     def name(self) -> str:
@@ -99,22 +101,30 @@ def load_pipeline(
     device: str | None = "auto",
     dtype: str | None = "auto",
     component: str | None = None,
+    lora_scale: float | None = None,
 ) -> LoadedModel:
     """Load a Stable-Diffusion-style pipeline.
 
-    ``source`` is a diffusers pipeline directory (``save_pretrained`` layout), a hub id, a
-    UNet / text-encoder weights file (``.safetensors``, ``.pt``, ``.bin``, ``.ckpt``) which is then
-    applied over ``base``, or a name a registered model source knows (``toy:erased``; see
-    :mod:`pytest_unlearnatk.registry`), whose own base is the default ``base``. ``component``
-    forces ``unet`` or ``text_encoder`` for a weights file (by default it is told from the keys).
+    ``source`` is a diffusers pipeline directory (``save_pretrained`` layout), a hub id, an
+    original single-file checkpoint (UNet, VAE and text encoder; read with the configs of
+    ``base`` or of the folder it is in), a UNet / text-encoder weights file or a LoRA file
+    (``.safetensors``, ``.pt``, ``.bin``, ``.ckpt``) which is then applied over ``base``, or a name
+    a registered model source knows (``toy:erased``; see :mod:`pytest_unlearnatk.registry`), whose
+    own base is the default ``base``. ``base`` may itself be a directory, a hub id or a single-file
+    checkpoint. ``component`` forces ``unet`` or ``text_encoder`` for a weights file (by default it
+    is told from the keys). ``lora_scale`` (default 1) scales a LoRA file's update; it is an
+    error for any other kind of model.
     """
     name = str(source)
+    lora_scale = _checked_scale(lora_scale)
     base_name = base.source if isinstance(base, LoadedModel) else (None if base is None else str(base))
     resolved, resolved_base = resolve_model(name, base_name)
-    loaded = _load(resolved, base=resolved_base, device=device, dtype=dtype, component=component)
+    shown_base = base_name or default_base(name)
+    loaded = _load(resolved, base=resolved_base, device=device, dtype=dtype, component=component,
+                   lora_scale=lora_scale, names=(name, shown_base))
     loaded.source = name
     if loaded.base is not None:
-        loaded.base = base_name or default_base(name)
+        loaded.base = shown_base
     return loaded
 
 
@@ -148,35 +158,97 @@ def resolve_model(source: str, base: str | None) -> tuple[str, str | None]:
     return model.source, (one(base).source if base is not None else None)
 
 
-def _load(source: str, *, base: str | None, device: str | None, dtype: str | None, component: str | None) -> LoadedModel:
+def _load(source: str, *, base: str | None, device: str | None, dtype: str | None, component: str | None,
+          lora_scale: float | None, names: tuple[str, str | None]) -> LoadedModel:
+    """Load ``source`` (resolved) over ``base`` (resolved); ``names``: the model and base as the user named them."""
     device = select_device(device)
     dtype = select_dtype(dtype, device)
-    source_str = str(source)
-    path = Path(source_str).expanduser()
-    if path.is_file():
-        if path.suffix not in WEIGHT_SUFFIXES:
-            raise UnlearnAtkError(
-                f"{path}: not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}) "
-                "and not a pipeline directory"
-            )
-        if base is None:
-            raise _needs_base(path)
-        base_source = str(base)
-        pipeline, base_fingerprint = _load_pipeline_directory(base_source, dtype)
-        replaced = apply_weights_file(pipeline, path, component=component)
+    path = Path(str(source)).expanduser()
+    if not path.is_file():
+        _refuse_scale(lora_scale, str(source), "a pipeline directory")
+        pipeline, fingerprint = _load_pipeline_directory(str(source), dtype)
         pipeline.to(device)
-        return LoadedModel(
-            pipeline=pipeline,
-            source=str(path),
-            fingerprint=weights_fingerprint(base_fingerprint, path),
-            device=device,
-            dtype=dtype,
-            base=base_source,
-            component=replaced,
-        )
-    pipeline, fingerprint = _load_pipeline_directory(source_str, dtype)
+        return LoadedModel(pipeline=pipeline, source=str(source), fingerprint=fingerprint, device=device, dtype=dtype,
+                           description=describe_directory(names[0]))
+    state = read_state_dict(_weights_file(path))
+    found = detect(shapes_of(state), path)
+    if found.kind != "lora":
+        _refuse_scale(lora_scale, str(path), f"an {found.describe()}" if found.kind == "checkpoint" else "not a LoRA file")
+    if found.kind == "checkpoint":
+        from .checkpoints import config_directory, load_checkpoint
+
+        config_dir = config_directory(path, base)
+        pipeline = load_checkpoint(path, state, found, config_dir, dtype)
+        pipeline.to(device)
+        return LoadedModel(pipeline=pipeline, source=str(path), fingerprint=checkpoint_fingerprint(path, base),
+                           device=device, dtype=dtype, base=base, component="checkpoint",
+                           description=found.describe(config=str(config_dir)))
+    if base is None:
+        raise _needs_base(path)
+    pipeline, base_fingerprint = _load_base(str(base), dtype)
+    scale = None
+    if found.kind == "lora":
+        from .lora import fuse_lora
+
+        scale = 1.0 if lora_scale is None else lora_scale
+        fuse_lora(pipeline, state, found, path, scale)
+        replaced = "lora"
+    else:
+        replaced = apply_weights_file(pipeline, path, component=component, state=state)
     pipeline.to(device)
-    return LoadedModel(pipeline=pipeline, source=source_str, fingerprint=fingerprint, device=device, dtype=dtype)
+    return LoadedModel(
+        pipeline=pipeline,
+        source=str(path),
+        fingerprint=weights_fingerprint(base_fingerprint, path, lora_scale=scale),
+        device=device,
+        dtype=dtype,
+        base=str(base),
+        component=replaced,
+        description=found.describe(base=names[1] or str(base), scale=scale),
+    )
+
+
+def _checked_scale(lora_scale: Any) -> float | None:
+    if lora_scale is None:
+        return None
+    try:
+        return parse_lora_scale(lora_scale)
+    except ValueError as error:
+        raise UnlearnAtkError(f"lora_scale={lora_scale!r}: {error}") from None
+
+
+def _refuse_scale(lora_scale: float | None, source: str, what: str) -> None:
+    if lora_scale is not None and lora_scale != 1.0:
+        raise SettingProblem("lora_scale", f"{source} is {what}: a LoRA scale ({lora_scale}) applies only to a LoRA file",
+                             "1 (or leave it out)")
+
+
+def _weights_file(path: Path) -> Path:
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise UnlearnAtkError(
+            f"{path}: not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}) "
+            "and not a pipeline directory"
+        )
+    return path
+
+
+def _load_base(base: str, dtype: str) -> tuple[Any, str]:
+    """The base pipeline (on the CPU) and its fingerprint: a directory, a hub id or a single-file checkpoint."""
+    path = Path(base).expanduser()
+    if not path.is_file():
+        return _load_pipeline_directory(base, dtype)
+    from .checkpoints import config_directory, load_checkpoint
+
+    state = read_state_dict(_weights_file(path))
+    found = detect(shapes_of(state), path)
+    if found.kind != "checkpoint":
+        raise UnlearnAtkError(f"{base} is a {found.describe()} file; a base is a pipeline directory, a hub id or an "
+                              "original single-file checkpoint (UNet, VAE and text encoder in one file)")
+    return load_checkpoint(path, state, found, config_directory(path, None), dtype), checkpoint_fingerprint(path, None)
+
+
+def describe_directory(name: str) -> str:
+    return f"diffusers pipeline {name}"
 
 
 def _load_pipeline_directory(source: str, dtype: str) -> tuple[Any, str]:
@@ -201,15 +273,43 @@ def _pipeline_directory(source: str) -> Path:
     raise UnlearnAtkError(f"{source!r} is neither an existing path nor a hub id like 'CompVis/stable-diffusion-v1-4'")
 
 
-def model_fingerprint(source: str | Path, base: str | Path | None = None) -> str:
-    """The fingerprint ``load_pipeline(source, base=base)`` would give, from file contents only."""
-    source, base = resolve_model(str(source), None if base is None else str(base))
+def model_fingerprint(source: str | Path, base: str | Path | None = None, lora_scale: float | None = None) -> str:
+    """The fingerprint ``load_pipeline(source, base=base, lora_scale=...)`` would give, from file contents only."""
+    return _inspect(source, base, lora_scale)[0]
+
+
+def describe_model(source: str | Path, base: str | Path | None = None, lora_scale: float | None = None) -> str:
+    """The line ``load_pipeline`` would put in ``LoadedModel.description``, from file keys only."""
+    return _inspect(source, base, lora_scale)[1]
+
+
+def _inspect(source: str | Path, base: str | Path | None, lora_scale: float | None) -> tuple[str, str]:
+    lora_scale = _checked_scale(lora_scale)
+    name, base_name = str(source), None if base is None else str(base)
+    shown_base = base_name or default_base(name)
+    source, base = resolve_model(name, base_name)
     path = Path(str(source)).expanduser()
-    if path.is_file():
-        if base is None:
-            raise _needs_base(path)
-        return weights_fingerprint(fp.directory_fingerprint(_pipeline_directory(str(base))), path)
-    return fp.directory_fingerprint(_pipeline_directory(str(source)))
+    if not path.is_file():
+        return fp.directory_fingerprint(_pipeline_directory(str(source))), describe_directory(name)
+    found = detect_file(path)
+    if found.kind == "checkpoint":
+        from .checkpoints import config_directory
+
+        return checkpoint_fingerprint(path, base), found.describe(config=str(config_directory(path, base)))
+    if base is None:
+        raise _needs_base(path)
+    base_path = Path(str(base)).expanduser()
+    base_fingerprint = (checkpoint_fingerprint(base_path, None) if base_path.is_file()
+                        else fp.directory_fingerprint(_pipeline_directory(str(base))))
+    scale = (1.0 if lora_scale is None else lora_scale) if found.kind == "lora" else None
+    return (weights_fingerprint(base_fingerprint, path, lora_scale=scale),
+            found.describe(base=shown_base or str(base), scale=scale))
+
+
+def detect_file(path: str | Path) -> DetectedFormat:
+    """The format of a weights file, from its keys (see :mod:`pytest_unlearnatk.formats`)."""
+    path = _weights_file(Path(path))
+    return detect(key_shapes(path), path)
 
 
 def _needs_base(path: Path) -> SettingProblem:
@@ -217,18 +317,30 @@ def _needs_base(path: Path) -> SettingProblem:
                           "BASE (a pipeline directory or hub id)")
 
 
-def weights_fingerprint(base_fingerprint: str, weights_file: Path) -> str:
-    """A weights file applied over a base: the file's contents decide which component it replaces."""
-    return fp.combine(base_fingerprint, f"weights:{fp.file_sha256(weights_file)}")
+def weights_fingerprint(base_fingerprint: str, weights_file: Path, lora_scale: float | None = None) -> str:
+    """A weights file applied over a base: the file's contents decide which component it replaces.
+    A LoRA file (``lora_scale`` given) is keyed with its scale: each scale is another model."""
+    if lora_scale is None:
+        return fp.combine(base_fingerprint, f"weights:{fp.file_sha256(weights_file)}")
+    return fp.combine(base_fingerprint, f"lora:{fp.file_sha256(weights_file)}:scale={float(lora_scale)!r}")
+
+
+def checkpoint_fingerprint(path: Path, base: str | None) -> str:
+    """An original single-file checkpoint: its contents and the config directory it is read with."""
+    from .checkpoints import config_directory
+
+    return fp.combine(fp.directory_fingerprint(config_directory(path, base)), f"checkpoint:{fp.file_sha256(path)}")
 
 
 class LazyModel:
     """A model named by its source; fingerprinted from files, loaded only when first used."""
 
-    def __init__(self, source: str, base: str | None = None, device: str | None = "auto", dtype: str | None = "auto") -> None:
-        self.source, self.device, self.dtype = source, device, dtype
+    def __init__(self, source: str, base: str | None = None, device: str | None = "auto", dtype: str | None = "auto",
+                 lora_scale: float | None = None) -> None:
+        self.source, self.device, self.dtype, self.lora_scale = source, device, dtype, lora_scale
         self.base = base if base is not None else default_base(source)
         self._fingerprint: str | None = None
+        self._description: str | None = None
         self._loaded: LoadedModel | None = None
         self._failure: UnlearnAtkError | None = None
 
@@ -239,8 +351,17 @@ class LazyModel:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = self._loaded.fingerprint if self._loaded else model_fingerprint(self.source, self.base)
+            self._fingerprint = (self._loaded.fingerprint if self._loaded
+                                 else model_fingerprint(self.source, self.base, self.lora_scale))
         return self._fingerprint
+
+    @property
+    def description(self) -> str:
+        """What is (or would be) loaded, in one line; told from file keys, without loading."""
+        if self._description is None:
+            self._description = (self._loaded.description if self._loaded
+                                 else describe_model(self.source, self.base, self.lora_scale))
+        return self._description
 
     @property
     def is_loaded(self) -> bool:
@@ -253,7 +374,8 @@ class LazyModel:
             raise UnlearnAtkError(f"{self.source} could not be loaded (see the first error about it in this run)")
         if self._loaded is None:
             try:
-                self._loaded = load_pipeline(self.source, base=self.base, device=self.device, dtype=self.dtype)
+                self._loaded = load_pipeline(self.source, base=self.base, device=self.device, dtype=self.dtype,
+                                             lora_scale=self.lora_scale)
             except UnlearnAtkError as error:
                 self._failure = error
                 raise
@@ -272,7 +394,8 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from exc
 
 
-def _from_pretrained(directory: Path, dtype: str) -> Any:
+def _from_pretrained(directory: Path, dtype: str, **components: Any) -> Any:
+    """The pipeline in ``directory``; ``components`` (``unet=...``) replace the directory's own."""
     import torch
 
     with _quiet_libraries():
@@ -285,7 +408,7 @@ def _from_pretrained(directory: Path, dtype: str) -> Any:
     try:
         with _quiet_libraries():
             pipeline = StableDiffusionPipeline.from_pretrained(
-                directory, dtype=getattr(torch, dtype), safety_checker=None, requires_safety_checker=False
+                directory, dtype=getattr(torch, dtype), safety_checker=None, requires_safety_checker=False, **components
             )
     except (OSError, ValueError, KeyError) as exc:
         raise UnlearnAtkError(f"{directory}: could not load it as a Stable Diffusion pipeline: {exc}") from exc
@@ -320,8 +443,9 @@ def _quiet_libraries() -> Iterator[None]:
 # --- weights files ---------------------------------------------------------------------------
 
 
-def read_state_dict(path: str | Path) -> dict[str, Any]:
-    """Tensors of a ``.safetensors`` file, or of a ``.pt``/``.bin``/``.ckpt`` read with ``weights_only=True``."""
+def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Tensors of a ``.safetensors`` file, or of a ``.pt``/``.bin``/``.ckpt`` read with ``weights_only=True``
+    (``mmap``: memory-mapped, for reading key names and shapes only)."""
     import torch
 
     path = Path(path)
@@ -331,7 +455,12 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) torch file
     except pickle.UnpicklingError as exc:
         raise UnlearnAtkError(
             f"{path}: could not be read as a weights file: it holds pickled objects other than tensors, "
@@ -352,12 +481,14 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def apply_weights_file(pipeline: Any, path: str | Path, component: str | None = None) -> str:
-    """Load a UNet or text-encoder weights file into ``pipeline`` in place; returns the component name."""
+def apply_weights_file(pipeline: Any, path: str | Path, component: str | None = None,
+                       state: dict[str, Any] | None = None) -> str:
+    """Load a UNet or text-encoder weights file into ``pipeline`` in place; returns the component name.
+    ``state``: the file's tensors when already read."""
     path = Path(path)
     if component is not None and component not in COMPONENTS:
         raise UnlearnAtkError(f"component={component!r}; use one of {', '.join(COMPONENTS)}")
-    state = read_state_dict(path)
+    state = read_state_dict(path) if state is None else state
     if any(key.startswith(LDM_UNET_PREFIX) for key in state):
         if component not in (None, "unet"):
             raise UnlearnAtkError(f"{path} holds an original-layout (LDM) UNet, but component={component!r} was asked for")
@@ -374,19 +505,7 @@ def _convert_ldm_unet(state: dict[str, Any], unet_config: Any, path: Path) -> di
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     unet_keys = [k for k in state if k.startswith(LDM_UNET_PREFIX) and k not in LDM_SCHEDULE_KEYS]
-    other = [k for k in state if not k.startswith(LDM_UNET_PREFIX) and k not in LDM_SCHEDULE_KEYS]
-    unknown = [k for k in other if not k.startswith(LDM_OTHER_PREFIXES)]
-    if unknown:
-        raise UnlearnAtkError(
-            f"{path}: original-layout checkpoint with {len(unknown)} keys outside the known groups "
-            f"(model.diffusion_model., first_stage_model., cond_stage_model.), e.g. {unknown[:3]}"
-        )
-    if other:
-        warnings.warn(
-            f"{path}: only the UNet (model.diffusion_model.*) is applied; {len(other)} VAE/text-encoder keys "
-            "of this full checkpoint are not used",
-            stacklevel=3,
-        )
+    check_original_groups(state, path)
     try:
         converted = convert_ldm_unet_checkpoint({k: state[k] for k in unet_keys}, dict(unet_config))
     except (KeyError, IndexError, ValueError) as exc:
@@ -400,6 +519,20 @@ def _convert_ldm_unet(state: dict[str, Any], unet_config: Any, path: Path) -> di
             "conversion to the base pipeline's UNet layout; is the base the model this checkpoint was trained from?"
         )
     return converted
+
+
+def check_original_groups(state: dict[str, Any], path: Path) -> None:
+    """An original-layout file holds only the known groups (UNet, VAE, text encoder, EMA, schedule)."""
+    other = [k for k in state if not k.startswith(LDM_UNET_PREFIX) and k not in LDM_SCHEDULE_KEYS]
+    unknown = [k for k in other if not k.startswith(LDM_OTHER_PREFIXES)]
+    if unknown:
+        raise UnlearnAtkError(
+            f"{path}: original-layout checkpoint with {len(unknown)} keys outside the known groups "
+            f"(model.diffusion_model., first_stage_model., cond_stage_model.), e.g. {unknown[:3]}"
+        )
+    if any(k.startswith("model_ema.") for k in other):
+        warnings.warn(f"{path}: its EMA copy of the UNet (model_ema.*) is not used; the trained weights "
+                      "(model.diffusion_model.*) are, as in diffusers' single-file loading", stacklevel=4)
 
 
 def _match_component(state: dict[str, Any], pipeline: Any, component: str | None, path: Path) -> tuple[str, dict]:
