@@ -351,17 +351,21 @@ class LazyModel:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = (self._loaded.fingerprint if self._loaded
-                                 else model_fingerprint(self.source, self.base, self.lora_scale))
+            self._inspect()
         return self._fingerprint
 
     @property
     def description(self) -> str:
         """What is (or would be) loaded, in one line; told from file keys, without loading."""
         if self._description is None:
-            self._description = (self._loaded.description if self._loaded
-                                 else describe_model(self.source, self.base, self.lora_scale))
+            self._inspect()
         return self._description
+
+    def _inspect(self) -> None:
+        if self._loaded is not None:
+            self._fingerprint, self._description = self._loaded.fingerprint, self._loaded.description
+        else:
+            self._fingerprint, self._description = _inspect(self.source, self.base, self.lora_scale)
 
     @property
     def is_loaded(self) -> bool:

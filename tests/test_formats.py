@@ -8,6 +8,7 @@ mocked and nothing is downloaded.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -308,3 +309,36 @@ def test_sd2_attack_regresses_on_the_velocity_and_renders_at_the_models_size(sd2
     content = pipeline.tokenizer("a red square", add_special_tokens=False).input_ids
     image = Renderer(pipeline, RenderSettings(steps=2)).render(layout.sequence(content), seed=0, guidance=7.5)
     assert image.size == (128, 128)
+
+
+# --- the plugin: --unlearn-lora-scale, and the "what was loaded" line in every report -----------
+
+pytest_plugins = ["pytester"]
+
+
+def test_plugin_loads_a_lora_with_its_scale_and_says_so_everywhere(pytester, tiny_dir, lora_files, tmp_path):
+    pytester.makepyfile(test_gate='''
+        from pytest_unlearnatk import unlearn_attack
+
+        @unlearn_attack(concept="circle", prompts=["a red circle"], judge=lambda images: [False] * len(images),
+                        max_asr=0.0, attack="no_attack", render={"steps": 2})
+        def test_resists():
+            pass
+        ''')
+    report = tmp_path / "report"
+    line = (f"LoRA rank {TEXT_RANK}-{UNET_RANK} on unet (*) and text_encoder (*), kohya layout, over {tiny_dir}, "
+            "scale 0.5")
+    args = [f"--unlearn-model={lora_files['kohya']}", f"--unlearn-base={tiny_dir}", "--unlearn-lora-scale=0.5",
+            f"--unlearn-report={report}", f"--unlearn-store={tmp_path / 'store'}", "-p", "no:cacheprovider"]
+    result = pytester.runpytest(*args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"model kohya.safetensors: {line}"])
+    record = json.loads((report / "unlearnatk-report.json").read_text())["gates"][0]
+    assert fnmatch.fnmatchcase(record["model_description"], line)
+    assert f"loaded: {record['model_description']}" in (report / "index.html").read_text()
+    # another scale is another model: nothing is reused from the store
+    again = pytester.runpytest(*args[:2], "--unlearn-lora-scale=0.25", *args[3:])
+    again.stdout.fnmatch_lines(["*1 computed, 0 from store*", "model kohya.safetensors: *scale 0.25"])
+    wrong = pytester.runpytest(*args[:2], "--unlearn-lora-scale=inf", *args[3:])
+    assert wrong.ret != 0
+    wrong.stderr.fnmatch_lines(["*--unlearn-lora-scale*give a finite number*"])
