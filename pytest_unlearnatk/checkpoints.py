@@ -62,7 +62,7 @@ def load_checkpoint(path: Path, state: dict[str, Any], found: DetectedFormat, co
             else:
                 module = CLIPTextModel(CLIPTextConfig.from_pretrained(folder))
         weights = _convert(name, state, module, path)
-        _check_keys(weights, module.state_dict(), name, path)
+        _check_keys(weights, module.state_dict(), name, path, config_dir)
         # the file's dtype (often float16) becomes the run's; assign: the empty weights are replaced
         module.load_state_dict({k: v.to(getattr(torch, dtype)) for k, v in weights.items()}, strict=True, assign=True)
         components[name] = module

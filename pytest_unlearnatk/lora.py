@@ -105,7 +105,8 @@ def fuse_lora(pipeline: Any, state: dict[str, Any], found: DetectedFormat, path:
     import torch
 
     pairs = read_pairs(state, found, path)
-    targets = [(pair, _find_module(pipeline, pair, found.layout)) for pair in pairs]
+    indexes = {name: _ModuleIndex(getattr(pipeline, name)) for name in {pair.component for pair in pairs}}
+    targets = [(pair, indexes[pair.component].find(pair, found.layout)) for pair in pairs]
     missing = [f"{pair.component}: {pair.name}" for pair, module in targets if module is None]
     if missing:
         raise UnlearnAtkError(
@@ -135,23 +136,27 @@ def fuse_lora(pipeline: Any, state: dict[str, Any], found: DetectedFormat, path:
     return counts
 
 
-def _find_module(pipeline: Any, pair: LoraPair, layout: str) -> Any:
-    """The pipeline module a file's LoRA module adapts (a Linear or Conv2d), or None."""
-    component = getattr(pipeline, pair.component)
-    modules = dict(component.named_modules())
-    for name in _candidate_names(pair, layout, modules):
-        module = modules.get(name)
-        if module is not None and hasattr(module, "weight") and module.weight is not None:
-            return module
-    return None
+class _ModuleIndex:
+    """A component's modules by name, and by kohya's flattened name (dots as underscores)."""
+
+    def __init__(self, component: Any) -> None:
+        self.modules = dict(component.named_modules())
+        self.flat = {name.replace(".", "_"): name for name in self.modules}
+
+    def find(self, pair: LoraPair, layout: str) -> Any:
+        """The module a file's LoRA module adapts (one with a weight: Linear, Conv2d), or None."""
+        for name in _candidate_names(pair, layout, self.flat):
+            module = self.modules.get(name)
+            if module is not None and getattr(module, "weight", None) is not None:
+                return module
+        return None
 
 
-def _candidate_names(pair: LoraPair, layout: str, modules: dict[str, Any]) -> list[str]:
+def _candidate_names(pair: LoraPair, layout: str, flat_names: dict[str, str]) -> list[str]:
     name = pair.name
     if layout == "kohya":
         flat = name[next(len(p) for p in KOHYA_PREFIXES if name.startswith(p)):]
-        by_flat = {module.replace(".", "_"): module for module in modules}
-        return [by_flat.get(flat, ""), by_flat.get(flat.removeprefix("text_model_"), "")]
+        return [flat_names.get(flat, ""), flat_names.get(flat.removeprefix("text_model_"), "")]
     name = name.removeprefix(PEFT_PREFIX).removeprefix(pair.component + ".")
     names = [name]
     if ".processor." in name or name.endswith((".to_q", ".to_k", ".to_v", ".to_out")):

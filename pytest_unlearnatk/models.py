@@ -177,10 +177,10 @@ def _load(source: str, *, base: str | None, device: str | None, dtype: str | Non
     if found.kind == "checkpoint":
         from .checkpoints import config_directory, load_checkpoint
 
-        config_dir = config_directory(path, base)
+        config_dir = config_directory(path, _config_base(base))
         pipeline = load_checkpoint(path, state, found, config_dir, dtype)
         pipeline.to(device)
-        return LoadedModel(pipeline=pipeline, source=str(path), fingerprint=checkpoint_fingerprint(path, base),
+        return LoadedModel(pipeline=pipeline, source=str(path), fingerprint=checkpoint_fingerprint(path, _config_base(base)),
                            device=device, dtype=dtype, base=base, component="checkpoint",
                            description=found.describe(config=str(config_dir)))
     if base is None:
@@ -215,6 +215,14 @@ def _checked_scale(lora_scale: Any) -> float | None:
         return parse_lora_scale(lora_scale)
     except ValueError as error:
         raise UnlearnAtkError(f"lora_scale={lora_scale!r}: {error}") from None
+
+
+def _config_base(base: str | None) -> str | None:
+    """The directory a base gives a single-file checkpoint its configs from: a pipeline directory, or a
+    hub id's (the base itself is fetched, as any base is); a base that is a file gives none."""
+    if base is None or Path(base).expanduser().is_file():
+        return None
+    return str(_pipeline_directory(base))
 
 
 def _refuse_scale(lora_scale: float | None, source: str, what: str) -> None:
@@ -295,7 +303,8 @@ def _inspect(source: str | Path, base: str | Path | None, lora_scale: float | No
     if found.kind == "checkpoint":
         from .checkpoints import config_directory
 
-        return checkpoint_fingerprint(path, base), found.describe(config=str(config_directory(path, base)))
+        config_base = _config_base(None if base is None else str(base))
+        return checkpoint_fingerprint(path, config_base), found.describe(config=str(config_directory(path, config_base)))
     if base is None:
         raise _needs_base(path)
     base_path = Path(str(base)).expanduser()
@@ -564,14 +573,19 @@ def _match_component(state: dict[str, Any], pipeline: Any, component: str | None
     return best[1], {k: v for k, v in best[2].items() if k not in IGNORED_BUFFER_KEYS}
 
 
-def _check_keys(weights: dict[str, Any], expected: dict[str, Any], name: str, path: Path) -> None:
+def _check_keys(weights: dict[str, Any], expected: dict[str, Any], name: str, path: Path,
+                config_dir: Path | None = None) -> None:
+    """Every key the module has, no other, each of its shape. ``config_dir``: the directory a
+    single-file checkpoint's configs came from (else the weights go over the base pipeline)."""
     missing = sorted(expected.keys() - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
+    into = f"the {name} configured by {config_dir}" if config_dir is not None else f"the base pipeline's {name}"
+    hint = (f"Is {config_dir} a pipeline of the same architecture as the checkpoint?" if config_dir is not None
+            else f"Is it a {name} file for this base model? Check --unlearn-base / base=.")
     if missing or unexpected:
         raise UnlearnAtkError(
-            f"{path}: its keys do not match the base pipeline's {name}: {len(missing)} missing "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). "
-            f"Is it a {name} file for this base model? Check --unlearn-base / base=."
+            f"{path}: its keys do not match {into}: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). {hint}"
         )
     wrong_shape = [
         f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -580,6 +594,6 @@ def _check_keys(weights: dict[str, Any], expected: dict[str, Any], name: str, pa
     ]
     if wrong_shape:
         raise UnlearnAtkError(
-            f"{path}: {len(wrong_shape)} tensors have the wrong shape for the base pipeline's {name} "
-            f"(e.g. {wrong_shape[:3]}); the base is probably a different model size"
+            f"{path}: {len(wrong_shape)} tensors have the wrong shape for {into} "
+            f"(e.g. {wrong_shape[:3]}); " + (hint if config_dir is not None else "the base is probably a different model size")
         )

@@ -244,7 +244,7 @@ def test_single_file_checkpoint_with_a_broken_vae_fails_naming_it(tiny_dir, full
     state = load_file(str(full_checkpoint))
     state.pop("first_stage_model.decoder.conv_in.weight")
     save_file(state, str(tmp_path / "broken.safetensors"))
-    with pytest.raises(UnlearnAtkError, match=r"broken.safetensors: its keys do not match .*vae: 1 missing "
+    with pytest.raises(UnlearnAtkError, match=r"broken.safetensors: its keys do not match the vae configured by .*: 1 missing "
                                               r"\(e.g. \['decoder.conv_in.weight'\]\)"):
         load_pipeline(tmp_path / "broken.safetensors", base=tiny_dir)
 
@@ -342,3 +342,9 @@ def test_plugin_loads_a_lora_with_its_scale_and_says_so_everywhere(pytester, tin
     wrong = pytester.runpytest(*args[:2], "--unlearn-lora-scale=inf", *args[3:])
     assert wrong.ret != 0
     wrong.stderr.fnmatch_lines(["*--unlearn-lora-scale*give a finite number*"])
+
+
+def test_single_file_checkpoint_read_with_another_architectures_configs_says_so(sd2_dirs, full_checkpoint):
+    with pytest.raises(UnlearnAtkError, match=rf"erased.safetensors: .*{re.escape(str(sd2_dirs[1]))}.*"
+                                              "(same architecture|SD 1.x vs 2.x)"):
+        load_pipeline(full_checkpoint, base=sd2_dirs[1])  # an SD 1 file, SD 2 configs
