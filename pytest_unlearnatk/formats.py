@@ -106,9 +106,11 @@ class DetectedFormat:
         """One line for people: ``LoRA rank 4 on unet (192 modules), kohya layout, over sd14, scale 1.0``."""
         over = f" over {base}" if base else ""
         if self.kind == "lora":
-            rank = "-".join(str(r) for r in (self.ranks[0], self.ranks[-1])) if len(set(self.ranks)) > 1 else str(self.ranks[0])
+            low, high = (self.ranks[0], self.ranks[-1]) if self.ranks else (0, 0)
+            rank = f"{low}-{high}" if low != high else str(low)
             on = " and ".join(f"{name} ({count} modules)" for name, count in self.lora_modules.items())
-            return f"LoRA rank {rank} on {on}, {self.layout} layout,{over}, scale {scale if scale is not None else 1.0}"
+            parts = [f"LoRA rank {rank} on {on}", f"{self.layout} layout"] + ([over.strip()] if over else [])
+            return ", ".join(parts + [f"scale {float(scale if scale is not None else 1.0)}"])
         if self.kind == "checkpoint":
             configs = f", configs from {config}" if config else ""
             return f"original single-file checkpoint ({', '.join(self.components)}){configs}"

@@ -250,8 +250,9 @@ def _load_base(base: str, dtype: str) -> tuple[Any, str]:
     state = read_state_dict(_weights_file(path))
     found = detect(shapes_of(state), path)
     if found.kind != "checkpoint":
-        raise UnlearnAtkError(f"{base} is a {found.describe()} file; a base is a pipeline directory, a hub id or an "
-                              "original single-file checkpoint (UNet, VAE and text encoder in one file)")
+        raise UnlearnAtkError(f"the base {base} holds {found.describe()}, which goes over a base itself; a base is a "
+                              "pipeline directory, a hub id or an original single-file checkpoint (UNet, VAE and text "
+                              "encoder in one file)")
     return load_checkpoint(path, state, found, config_directory(path, None), dtype), checkpoint_fingerprint(path, None)
 
 

@@ -348,3 +348,10 @@ def test_single_file_checkpoint_read_with_another_architectures_configs_says_so(
     with pytest.raises(UnlearnAtkError, match=rf"erased.safetensors: .*{re.escape(str(sd2_dirs[1]))}.*"
                                               "(same architecture|SD 1.x vs 2.x)"):
         load_pipeline(full_checkpoint, base=sd2_dirs[1])  # an SD 1 file, SD 2 configs
+
+
+def test_a_lora_is_no_base(tiny_dir, lora_files):
+    with pytest.raises(UnlearnAtkError, match=r"the base .*kohya.safetensors holds LoRA rank 2-4 on unet \(44 modules\) "
+                                              r"and text_encoder \(10 modules\), kohya layout, scale 1.0, which goes "
+                                              r"over a base itself"):
+        load_pipeline(lora_files["diffusers"], base=lora_files["kohya"])
