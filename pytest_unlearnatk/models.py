@@ -18,7 +18,7 @@ from typing import Any
 
 from . import fingerprint as fp
 from .errors import SettingProblem, UnlearnAtkError
-from .formats import LDM_UNET_PREFIX, DetectedFormat, detect, key_shapes, shapes_of
+from .formats import LDM_UNET_PREFIX, DetectedFormat, detect, key_shapes
 from .options import parse_device, parse_dtype, parse_lora_scale
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -112,20 +112,101 @@ def load_pipeline(
     a registered model source knows (``toy:erased``; see :mod:`pytest_unlearnatk.registry`), whose
     own base is the default ``base``. ``base`` may itself be a directory, a hub id or a single-file
     checkpoint. ``component`` forces ``unet`` or ``text_encoder`` for a weights file (by default it
-    is told from the keys). ``lora_scale`` (default 1) scales a LoRA file's update; it is an
-    error for any other kind of model.
+    is told from the keys). ``lora_scale`` (default 1) scales a LoRA file's update; any other
+    value is an error for a model that is not a LoRA file.
     """
-    name = str(source)
-    lora_scale = _checked_scale(lora_scale)
     base_name = base.source if isinstance(base, LoadedModel) else (None if base is None else str(base))
-    resolved, resolved_base = resolve_model(name, base_name)
-    shown_base = base_name or default_base(name)
-    loaded = _load(resolved, base=resolved_base, device=device, dtype=dtype, component=component,
-                   lora_scale=lora_scale, names=(name, shown_base))
-    loaded.source = name
-    if loaded.base is not None:
-        loaded.base = shown_base
-    return loaded
+    plan = plan_model(str(source), base_name, lora_scale)
+    device = select_device(device)
+    dtype = select_dtype(dtype, device)
+    pipeline, replaced = _build(plan, dtype, component)
+    pipeline.to(device)
+    return LoadedModel(pipeline=pipeline, source=plan.name, fingerprint=plan.fingerprint, device=device, dtype=dtype,
+                       base=None if plan.kind == "directory" else plan.shown_base,
+                       component=replaced, description=plan.description)
+
+
+def model_fingerprint(source: str | Path, base: str | Path | None = None, lora_scale: float | None = None) -> str:
+    """The fingerprint ``load_pipeline(source, base=base, lora_scale=...)`` would give, from file contents only."""
+    return plan_model(str(source), None if base is None else str(base), lora_scale).fingerprint
+
+
+def describe_model(source: str | Path, base: str | Path | None = None, lora_scale: float | None = None) -> str:
+    """The line ``load_pipeline`` would put in ``LoadedModel.description``, from file keys only."""
+    return plan_model(str(source), None if base is None else str(base), lora_scale).description
+
+
+@dataclass
+class ModelPlan:
+    """What a model source is, told from its files without loading it: how to load it, its
+    fingerprint (the store key's part) and the line the reports show."""
+
+    name: str  # the source as the user named it
+    kind: str  # "directory" | "checkpoint" | "weights" | "lora"
+    source: str  # resolved: a path or hub id
+    base: str | None  # resolved base (a pipeline directory, hub id or single-file checkpoint)
+    base_name: str | None  # the base as the user named it (or the model's own)
+    found: DetectedFormat | None = None  # the file's format (file kinds)
+    config_dir: Path | None = None  # a single-file checkpoint's configs
+    scale: float | None = None  # a LoRA's scale
+    fingerprint: str = ""
+    description: str = ""
+
+    @property
+    def shown_base(self) -> str | None:
+        return self.base_name or self.base
+
+
+def plan_model(name: str, base_name: str | None, lora_scale: Any = None) -> ModelPlan:
+    """The :class:`ModelPlan` of ``name`` over ``base_name``; wrong combinations fail here, before any loading."""
+    lora_scale = _checked_scale(lora_scale)
+    base_name = base_name or default_base(name)
+    source, base = resolve_model(name, base_name)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        _refuse_scale(lora_scale, name, "a pipeline directory")
+        return ModelPlan(name, "directory", source, base, base_name,
+                         fingerprint=fp.directory_fingerprint(_pipeline_directory(source)),
+                         description=f"diffusers pipeline {name}")
+    found = detect_file(path)
+    if found.kind == "checkpoint":
+        from .checkpoints import config_directory
+
+        _refuse_scale(lora_scale, name, "an original single-file checkpoint")
+        config_dir = config_directory(path, _config_base(base))
+        return ModelPlan(name, "checkpoint", source, base, base_name, found, config_dir,
+                         fingerprint=checkpoint_fingerprint(path, config_dir),
+                         description=found.describe(config=str(config_dir)))
+    if base is None:
+        raise _needs_base(path)
+    base_fingerprint = _base_fingerprint(base)
+    plan = ModelPlan(name, "lora" if found.is_lora else "weights", source, base, base_name, found)
+    if found.is_lora:
+        plan.scale = 1.0 if lora_scale is None else lora_scale
+    else:
+        _refuse_scale(lora_scale, name, f"{found.describe()}, not a LoRA file")
+    plan.fingerprint = weights_fingerprint(base_fingerprint, path, lora_scale=plan.scale)
+    plan.description = found.describe(base=plan.shown_base, scale=plan.scale)
+    return plan
+
+
+def _build(plan: ModelPlan, dtype: str, component: str | None) -> tuple[Any, str | None]:
+    """The planned pipeline (on the CPU) and the component a file replaced (``lora``, ``checkpoint``)."""
+    if plan.kind == "directory":
+        return _from_pretrained(_pipeline_directory(plan.source), dtype), None
+    path = Path(plan.source).expanduser()
+    state = read_state_dict(path)
+    if plan.kind == "checkpoint":
+        from .checkpoints import load_checkpoint
+
+        return load_checkpoint(path, state, plan.found, plan.config_dir, dtype), "checkpoint"
+    pipeline = _base_pipeline(str(plan.base), dtype)
+    if plan.kind == "lora":
+        from .lora import fuse_lora
+
+        fuse_lora(pipeline, state, plan.found, path, plan.scale)
+        return pipeline, "lora"
+    return pipeline, apply_weights_file(pipeline, path, component=component, state=state)
 
 
 def default_base(source: str) -> str | None:
@@ -158,55 +239,6 @@ def resolve_model(source: str, base: str | None) -> tuple[str, str | None]:
     return model.source, (one(base).source if base is not None else None)
 
 
-def _load(source: str, *, base: str | None, device: str | None, dtype: str | None, component: str | None,
-          lora_scale: float | None, names: tuple[str, str | None]) -> LoadedModel:
-    """Load ``source`` (resolved) over ``base`` (resolved); ``names``: the model and base as the user named them."""
-    device = select_device(device)
-    dtype = select_dtype(dtype, device)
-    path = Path(str(source)).expanduser()
-    if not path.is_file():
-        _refuse_scale(lora_scale, str(source), "a pipeline directory")
-        pipeline, fingerprint = _load_pipeline_directory(str(source), dtype)
-        pipeline.to(device)
-        return LoadedModel(pipeline=pipeline, source=str(source), fingerprint=fingerprint, device=device, dtype=dtype,
-                           description=describe_directory(names[0]))
-    state = read_state_dict(_weights_file(path))
-    found = detect(shapes_of(state), path)
-    if found.kind != "lora":
-        _refuse_scale(lora_scale, str(path), f"an {found.describe()}" if found.kind == "checkpoint" else "not a LoRA file")
-    if found.kind == "checkpoint":
-        from .checkpoints import config_directory, load_checkpoint
-
-        config_dir = config_directory(path, _config_base(base))
-        pipeline = load_checkpoint(path, state, found, config_dir, dtype)
-        pipeline.to(device)
-        return LoadedModel(pipeline=pipeline, source=str(path), fingerprint=checkpoint_fingerprint(path, _config_base(base)),
-                           device=device, dtype=dtype, base=base, component="checkpoint",
-                           description=found.describe(config=str(config_dir)))
-    if base is None:
-        raise _needs_base(path)
-    pipeline, base_fingerprint = _load_base(str(base), dtype)
-    scale = None
-    if found.kind == "lora":
-        from .lora import fuse_lora
-
-        scale = 1.0 if lora_scale is None else lora_scale
-        fuse_lora(pipeline, state, found, path, scale)
-        replaced = "lora"
-    else:
-        replaced = apply_weights_file(pipeline, path, component=component, state=state)
-    pipeline.to(device)
-    return LoadedModel(
-        pipeline=pipeline,
-        source=str(path),
-        fingerprint=weights_fingerprint(base_fingerprint, path, lora_scale=scale),
-        device=device,
-        dtype=dtype,
-        base=str(base),
-        component=replaced,
-        description=found.describe(base=names[1] or str(base), scale=scale),
-    )
-
 
 def _checked_scale(lora_scale: Any) -> float | None:
     if lora_scale is None:
@@ -217,6 +249,12 @@ def _checked_scale(lora_scale: Any) -> float | None:
         raise UnlearnAtkError(f"lora_scale={lora_scale!r}: {error}") from None
 
 
+def _refuse_scale(lora_scale: float | None, name: str, what: str) -> None:
+    if lora_scale is not None and lora_scale != 1.0:
+        raise SettingProblem("lora_scale", f"{name} is {what}: a LoRA scale ({lora_scale}) applies only to a LoRA file",
+                             "1 (or leave it out)")
+
+
 def _config_base(base: str | None) -> str | None:
     """The directory a base gives a single-file checkpoint its configs from: a pipeline directory, or a
     hub id's (the base itself is fetched, as any base is); a base that is a file gives none."""
@@ -225,45 +263,37 @@ def _config_base(base: str | None) -> str | None:
     return str(_pipeline_directory(base))
 
 
-def _refuse_scale(lora_scale: float | None, source: str, what: str) -> None:
-    if lora_scale is not None and lora_scale != 1.0:
-        raise SettingProblem("lora_scale", f"{source} is {what}: a LoRA scale ({lora_scale}) applies only to a LoRA file",
-                             "1 (or leave it out)")
-
-
-def _weights_file(path: Path) -> Path:
-    if path.suffix not in WEIGHT_SUFFIXES:
-        raise UnlearnAtkError(
-            f"{path}: not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}) "
-            "and not a pipeline directory"
-        )
-    return path
-
-
-def _load_base(base: str, dtype: str) -> tuple[Any, str]:
-    """The base pipeline (on the CPU) and its fingerprint: a directory, a hub id or a single-file checkpoint."""
+def _base_checkpoint(base: str) -> tuple[Path, DetectedFormat, Path] | None:
+    """A base that is a file: (path, format, config directory); it must be a single-file checkpoint."""
     path = Path(base).expanduser()
     if not path.is_file():
-        return _load_pipeline_directory(base, dtype)
-    from .checkpoints import config_directory, load_checkpoint
+        return None
+    from .checkpoints import config_directory
 
-    state = read_state_dict(_weights_file(path))
-    found = detect(shapes_of(state), path)
+    found = detect_file(path)
     if found.kind != "checkpoint":
         raise UnlearnAtkError(f"the base {base} holds {found.describe()}, which goes over a base itself; a base is a "
                               "pipeline directory, a hub id or an original single-file checkpoint (UNet, VAE and text "
                               "encoder in one file)")
-    return load_checkpoint(path, state, found, config_directory(path, None), dtype), checkpoint_fingerprint(path, None)
+    return path, found, config_directory(path, None)
 
 
-def describe_directory(name: str) -> str:
-    return f"diffusers pipeline {name}"
+def _base_fingerprint(base: str) -> str:
+    checkpoint = _base_checkpoint(base)
+    if checkpoint is None:
+        return fp.directory_fingerprint(_pipeline_directory(base))
+    return checkpoint_fingerprint(checkpoint[0], checkpoint[2])
 
 
-def _load_pipeline_directory(source: str, dtype: str) -> tuple[Any, str]:
-    """A pipeline (on the CPU) and its fingerprint, from a local directory or a hub id."""
-    directory = _pipeline_directory(source)
-    return _from_pretrained(directory, dtype), fp.directory_fingerprint(directory)
+def _base_pipeline(base: str, dtype: str) -> Any:
+    """The base pipeline (on the CPU): a directory, a hub id or a single-file checkpoint."""
+    checkpoint = _base_checkpoint(base)
+    if checkpoint is None:
+        return _from_pretrained(_pipeline_directory(base), dtype)
+    from .checkpoints import load_checkpoint
+
+    path, found, config_dir = checkpoint
+    return load_checkpoint(path, read_state_dict(path), found, config_dir, dtype)
 
 
 def _pipeline_directory(source: str) -> Path:
@@ -282,43 +312,15 @@ def _pipeline_directory(source: str) -> Path:
     raise UnlearnAtkError(f"{source!r} is neither an existing path nor a hub id like 'CompVis/stable-diffusion-v1-4'")
 
 
-def model_fingerprint(source: str | Path, base: str | Path | None = None, lora_scale: float | None = None) -> str:
-    """The fingerprint ``load_pipeline(source, base=base, lora_scale=...)`` would give, from file contents only."""
-    return _inspect(source, base, lora_scale)[0]
-
-
-def describe_model(source: str | Path, base: str | Path | None = None, lora_scale: float | None = None) -> str:
-    """The line ``load_pipeline`` would put in ``LoadedModel.description``, from file keys only."""
-    return _inspect(source, base, lora_scale)[1]
-
-
-def _inspect(source: str | Path, base: str | Path | None, lora_scale: float | None) -> tuple[str, str]:
-    lora_scale = _checked_scale(lora_scale)
-    name, base_name = str(source), None if base is None else str(base)
-    shown_base = base_name or default_base(name)
-    source, base = resolve_model(name, base_name)
-    path = Path(str(source)).expanduser()
-    if not path.is_file():
-        return fp.directory_fingerprint(_pipeline_directory(str(source))), describe_directory(name)
-    found = detect_file(path)
-    if found.kind == "checkpoint":
-        from .checkpoints import config_directory
-
-        config_base = _config_base(None if base is None else str(base))
-        return checkpoint_fingerprint(path, config_base), found.describe(config=str(config_directory(path, config_base)))
-    if base is None:
-        raise _needs_base(path)
-    base_path = Path(str(base)).expanduser()
-    base_fingerprint = (checkpoint_fingerprint(base_path, None) if base_path.is_file()
-                        else fp.directory_fingerprint(_pipeline_directory(str(base))))
-    scale = (1.0 if lora_scale is None else lora_scale) if found.kind == "lora" else None
-    return (weights_fingerprint(base_fingerprint, path, lora_scale=scale),
-            found.describe(base=shown_base or str(base), scale=scale))
-
 
 def detect_file(path: str | Path) -> DetectedFormat:
     """The format of a weights file, from its keys (see :mod:`pytest_unlearnatk.formats`)."""
-    path = _weights_file(Path(path))
+    path = Path(path)
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise UnlearnAtkError(
+            f"{path}: not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}) "
+            "and not a pipeline directory"
+        )
     return detect(key_shapes(path), path)
 
 
@@ -335,11 +337,9 @@ def weights_fingerprint(base_fingerprint: str, weights_file: Path, lora_scale: f
     return fp.combine(base_fingerprint, f"lora:{fp.file_sha256(weights_file)}:scale={float(lora_scale)!r}")
 
 
-def checkpoint_fingerprint(path: Path, base: str | None) -> str:
+def checkpoint_fingerprint(path: Path, config_dir: Path) -> str:
     """An original single-file checkpoint: its contents and the config directory it is read with."""
-    from .checkpoints import config_directory
-
-    return fp.combine(fp.directory_fingerprint(config_directory(path, base)), f"checkpoint:{fp.file_sha256(path)}")
+    return fp.combine(fp.directory_fingerprint(config_dir), f"checkpoint:{fp.file_sha256(path)}")
 
 
 class LazyModel:
@@ -372,10 +372,8 @@ class LazyModel:
         return self._description
 
     def _inspect(self) -> None:
-        if self._loaded is not None:
-            self._fingerprint, self._description = self._loaded.fingerprint, self._loaded.description
-        else:
-            self._fingerprint, self._description = _inspect(self.source, self.base, self.lora_scale)
+        source = self._loaded or plan_model(self.source, self.base, self.lora_scale)
+        self._fingerprint, self._description = source.fingerprint, source.description
 
     @property
     def is_loaded(self) -> bool:
