@@ -97,20 +97,15 @@ class DetectedFormat:
     def is_lora(self) -> bool:
         return self.kind == "lora"
 
-    @property
-    def needs_base(self) -> bool:
-        """A full checkpoint is a model by itself (given a config); the other kinds go over a base."""
-        return self.kind != "checkpoint"
-
     def describe(self, *, base: str | None = None, scale: float | None = None, config: str | None = None) -> str:
         """One line for people: ``LoRA rank 4 on unet (192 modules), kohya layout, over sd14, scale 1.0``."""
         over = f" over {base}" if base else ""
         if self.kind == "lora":
+            over += "," if over else ""
             low, high = (self.ranks[0], self.ranks[-1]) if self.ranks else (0, 0)
             rank = f"{low}-{high}" if low != high else str(low)
             on = " and ".join(f"{name} ({count} modules)" for name, count in self.lora_modules.items())
-            parts = [f"LoRA rank {rank} on {on}", f"{self.layout} layout"] + ([over.strip()] if over else [])
-            return ", ".join(parts + [f"scale {float(scale if scale is not None else 1.0)}"])
+            return f"LoRA rank {rank} on {on}, {self.layout} layout,{over} scale {float(1.0 if scale is None else scale)}"
         if self.kind == "checkpoint":
             configs = f", configs from {config}" if config else ""
             return f"original single-file checkpoint ({', '.join(self.components)}){configs}"

@@ -113,23 +113,20 @@ def fuse_lora(pipeline: Any, state: dict[str, Any], found: DetectedFormat, path:
             f"{path}: {len(missing)} of its {len(pairs)} LoRA modules are not in the base pipeline "
             f"(e.g. {missing[:3]}). Is it a LoRA for this base model? Check --unlearn-base / base=."
         )
-    updates = []
-    for pair, module in targets:
-        weight = module.weight
-        down, up = pair.down.float(), pair.up.float()
-        try:
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
-        except RuntimeError:
+    for pair, module in targets:  # every module is checked before any is changed: nothing is fused partially
+        up, down, weight = pair.up, pair.down, module.weight
+        if up.shape[0] != weight.shape[0] or up.flatten(1).shape[1] != down.shape[0] or \
+                up.shape[0] * down.flatten(1).shape[1] != weight.numel():
             raise UnlearnAtkError(
                 f"{path}: LoRA module {pair.component}.{pair.name} has matrices {tuple(up.shape)} x {tuple(down.shape)}, "
                 f"which do not fit the base pipeline's weight {tuple(weight.shape)}; the base is a different model"
-            ) from None
-        rank = down.shape[0]
-        alpha = rank if pair.alpha is None else pair.alpha
-        updates.append((weight, delta * (scale * alpha / rank)))
-    with torch.no_grad():  # only after every module was checked: nothing is fused partially
-        for weight, delta in updates:
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+            )
+    with torch.no_grad():
+        for pair, module in targets:  # one module at a time: only one update in memory
+            weight, rank = module.weight, pair.down.shape[0]
+            alpha = rank if pair.alpha is None else pair.alpha
+            delta = (pair.up.float().flatten(1) @ pair.down.float().flatten(1)).reshape(weight.shape)
+            weight.copy_((weight.float() + delta.to(weight.device) * (scale * alpha / rank)).to(weight.dtype))
     counts: dict[str, int] = {}
     for pair in pairs:
         counts[pair.component] = counts.get(pair.component, 0) + 1

@@ -133,6 +133,45 @@ def test_lora_files_load_as_peft_applies_them(tiny_dir, adapted, lora_files, lay
                                   "scale 1.0")
 
 
+OLD_TEXT_NAMES = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
+
+
+def older_diffusers_layout(unet: dict, text: dict, style: str) -> dict:
+    """The attention adapters of a LoRA in the key names older diffusers versions wrote: ``lora.down``
+    (PEFT-less LoRA layers), ``lora_linear_layer`` (text encoders) or attention processors
+    (``attn1.processor.to_q_lora.down``)."""
+    out = {}
+    for component, state in (("unet", unet), ("text_encoder", text)):
+        for key, value in state.items():
+            module, which = re.fullmatch(r"(.*)\.lora_([AB])\.weight", key).groups()
+            head, _, last = module.removesuffix(".0").rpartition(".")
+            if last not in ("to_q", "to_k", "to_v", "to_out", *OLD_TEXT_NAMES):
+                continue  # these layouts carried attention adapters only
+            direction = "down" if which == "A" else "up"
+            prefix = f"{component}.text_model." if component == "text_encoder" else "unet."
+            if style == "processor":
+                name = f"{head}.processor.{OLD_TEXT_NAMES.get(last, last)}_lora.{direction}.weight"
+            else:
+                name = f"{module}.{'lora_linear_layer' if style == 'linear_layer' else 'lora'}.{direction}.weight"
+            out[prefix + name] = value.contiguous()
+    return out
+
+
+def test_older_diffusers_key_names_load_like_the_current_ones(tiny_dir, adapted, tmp_path):
+    _, unet, text = adapted
+    attention = r"\.(to_[qkv]|to_out\.0|[qkv]_proj|out_proj)\.lora_"
+    current = {f"{c}.{k}": v.contiguous() for c, state in (("unet", unet), ("text_encoder", text))
+               for k, v in state.items() if re.search(attention, k)}
+    save_file(current, str(tmp_path / "current.safetensors"))
+    reference = load_pipeline(tmp_path / "current.safetensors", base=tiny_dir)
+    assert not same_outputs(reference.pipeline, load_pipeline(tiny_dir).pipeline)
+    for style in ("lora", "linear_layer", "processor"):
+        save_file(older_diffusers_layout(unet, text, style), str(tmp_path / f"{style}.safetensors"))
+        older = load_pipeline(tmp_path / f"{style}.safetensors", base=tiny_dir)
+        assert older.description.split(", diffusers layout")[0] == reference.description.split(", diffusers layout")[0]
+        assert same_outputs(older.pipeline, reference.pipeline, atol=0), style
+
+
 def test_peft_layout_reads_alpha_from_adapter_config(tiny_dir, lora_files, unet_only_reference):
     config = json.loads((lora_files["peft"].parent / "adapter_config.json").read_text())
     assert config["lora_alpha"] == UNET_ALPHA != config["r"]
