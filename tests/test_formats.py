@@ -24,6 +24,8 @@ from pytest_unlearnatk.formats import detect, shapes_of
 from pytest_unlearnatk.models import describe_model, model_fingerprint
 from pytest_unlearnatk.testing import build_tiny_sd2_pipeline, original_checkpoint
 
+pytest_plugins = ["pytester"]
+
 peft = pytest.importorskip("peft", reason="the LoRA tests write their files with PEFT (pip install -e '.[test]')")
 
 IDS = torch.tensor([[49406, 320, 1929, 539, 320, 2972] + [49407] * 71])
@@ -352,8 +354,6 @@ def test_sd2_attack_regresses_on_the_velocity_and_renders_at_the_models_size(sd2
 
 # --- the plugin: --unlearn-lora-scale, and the "what was loaded" line in every report -----------
 
-pytest_plugins = ["pytester"]
-
 
 def test_plugin_loads_a_lora_with_its_scale_and_says_so_everywhere(pytester, tiny_dir, lora_files, tmp_path):
     pytester.makepyfile(test_gate='''
@@ -394,3 +394,26 @@ def test_a_lora_is_no_base(tiny_dir, lora_files):
                                               r"and text_encoder \(10 modules\), kohya layout, scale 1.0, which goes "
                                               r"over a base itself"):
         load_pipeline(lora_files["diffusers"], base=lora_files["kohya"])
+
+
+def test_sd2_gate_renders_targets_and_candidates_at_the_models_size(sd2_dirs, tmp_path):
+    """A whole gate on the SD-2-shaped pair: the base renders the target, the model the plain prompt and
+    the candidate, all at 128 px (the configs' 16 latents x 8), with the v-prediction schedule."""
+    from PIL import Image
+
+    from pytest_unlearnatk import RenderSettings, get_preset, run_gate
+
+    erased, base = (load_pipeline(d) for d in sd2_dirs)
+    judged = []
+
+    def judge(images):
+        judged.extend(image.size for image in images)
+        return [False] * len(images)
+
+    result = run_gate(erased, [{"case_number": 0, "prompt": "a red square", "evaluation_seed": 1}], judge, base=base,
+                      budget=get_preset("smoke", num_timesteps=1, steps_per_timestep=1), render=RenderSettings(steps=2),
+                      image_dir=tmp_path, batch_size=1)
+    case = result.cases[0]
+    assert judged == [(128, 128), (128, 128)]  # the plain prompt, then the one candidate
+    assert {kind: Image.open(tmp_path / name).size for kind, name in case.images.items()} == {
+        "target": (128, 128), "plain": (128, 128), "adversarial": (128, 128)}
