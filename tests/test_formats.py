@@ -26,7 +26,6 @@ from pytest_unlearnatk.testing import build_tiny_sd2_pipeline, original_checkpoi
 
 pytest_plugins = ["pytester"]
 
-peft = pytest.importorskip("peft", reason="the LoRA tests write their files with PEFT (pip install -e '.[test]')")
 
 IDS = torch.tensor([[49406, 320, 1929, 539, 320, 2972] + [49407] * 71])
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]  # conv1: a convolution LoRA too
@@ -50,6 +49,7 @@ def same_outputs(a, b, atol: float = 1e-5) -> bool:
 @pytest.fixture(scope="module")
 def adapted(tiny_dir):
     """The tiny pipeline with random LoRA adapters injected by PEFT, and their state dicts (PEFT names)."""
+    pytest.importorskip("peft", reason="the LoRA tests write their files with PEFT (pip install -e '.[test]')")
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
@@ -93,7 +93,7 @@ def kohya_layout(unet: dict, text: dict) -> dict:
 def lora_files(adapted, tmp_path_factory):
     """One LoRA in each layout: diffusers (save_lora_weights), PEFT (PeftModel.save_pretrained), kohya."""
     from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     pipeline, unet, text = adapted
     root = tmp_path_factory.mktemp("lora")
@@ -108,7 +108,7 @@ def lora_files(adapted, tmp_path_factory):
 
     fresh = UNet2DConditionModel.from_config(pipeline.unet.config)
     peft_model = get_peft_model(fresh, LoraConfig(r=UNET_RANK, lora_alpha=UNET_ALPHA, target_modules=UNET_TARGETS))
-    result = peft.set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in unet.items()})
+    result = set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in unet.items()})
     assert not result.unexpected_keys
     peft_model.save_pretrained(root / "peft")
     save_file(kohya_layout(unet, text), str(root / "kohya.safetensors"))
