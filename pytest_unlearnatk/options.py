@@ -149,10 +149,12 @@ def _flag(help_text: str) -> Any:
 class RunOptions:
     """Settings of a whole run: which models, where results go, what every gate may override."""
 
-    model: str | None = _option("PATH", "the unlearned model under test: pipeline directory, hub id, weights file "
-                                "(with a base) or a registered name such as toy:erased")
-    base: str | None = _option("PATH", "the original model: renders target images; the base a weights file is "
-                               "applied over (default: the base the model names itself, if any)")
+    model: str | None = _option("PATH", "the unlearned model under test: pipeline directory, hub id, original "
+                                "single-file checkpoint, UNet / text-encoder weights or LoRA file (with a base), "
+                                "or a registered name such as toy:erased")
+    base: str | None = _option("PATH", "the original model: renders target images; the base a weights or LoRA file "
+                               "is applied over, and the configs a single-file checkpoint is read with (default: "
+                               "the base the model names itself, if any)")
     lora_scale: float = _option("SCALE", "strength of a LoRA / adapter model file: its update is fused times SCALE "
                                 "(default 1: as trained; 0: the base). Part of the store key", parse_lora_scale, 1.0)
     device: str = _option("DEVICE", "auto (default: cuda when available, else cpu), cpu, cuda, cuda:N",

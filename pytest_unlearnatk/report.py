@@ -214,7 +214,8 @@ def markdown_summary(records: list[GateRecord]) -> str:
     lines = ["### unlearn gates", "", "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in summary_rows(records)]
     failed = [r for r in records if not r.passed and not r.pending]
-    lines += [""] + [f"- model `{name}`: {cell(description)}" for name, description in model_lines(records)]
+    described = [f"- model `{name}`: {cell(description)}" for name, description in model_lines(records)]
+    lines += [""] + described if described else []
     lines += ["", f"{len(records) - len(failed)} of {len(records)} gates passed."]
     if any(r.partial for r in records):
         lines.append("Partial gates ran only their first cases (--unlearn-limit): their verdicts cover those cases only.")
