@@ -254,6 +254,7 @@ def execute(
         judge=settings.judge.name,
         model=model.source,
         model_fingerprint=model.fingerprint,
+        model_description=model.description or model.source,
         config=run.identity_config(),
         cases=[results[i] for i in range(len(case_list))],
         reused=reused,

@@ -128,12 +128,15 @@ def _gate_section(record: dict[str, Any], result: dict[str, Any], images_dir: Pa
                      "(stored by an earlier version, or removed). Delete those results to compute them again.")
     if blur:
         notes.append("Images are blurred (unsafe concept); rerun with --unlearn-show-unsafe to see them.")
+    description = record.get("model_description")  # absent in reports of earlier versions
+    loaded = f'<p class="loaded">loaded: {html.escape(description)}</p>' if description else ""
     return (
         f'<section class="gate" id="{_anchor(record)}"><h2>{html.escape(record["gate"])} '
         f'<span class="{verdict.lower()}">{verdict}</span></h2>'
         f'<p>model <code>{html.escape(record["model"])}</code>, concept <b>{html.escape(concept)}</b>, '
         f'judge {html.escape(record["judge"])}, attack {html.escape(record["attack"])}, budget {html.escape(record["budget"])}</p>'
-        f'<p class="numbers">n = {record["n"]} &middot; pre-ASR {record["pre_asr"]:.1%} '
+        + loaded
+        + f'<p class="numbers">n = {record["n"]} &middot; pre-ASR {record["pre_asr"]:.1%} '
         f'(95% CI {pre_low:.0%}&ndash;{pre_high:.0%}) &middot; ASR {record["asr"]:.1%} (95% CI {low:.0%}&ndash;{high:.0%}){bound} '
         f'&middot; max_asr {record["max_asr"]:.1%} &middot; {record["seconds"]:.1f} s</p>'
         + "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes)

@@ -1,4 +1,5 @@
-"""Load the pipelines under test: a diffusers directory, a hub id, or a weights file over a base.
+"""Load the pipelines under test: a diffusers directory, a hub id, an original single-file
+checkpoint, or a weights / LoRA file over a base (the formats: :mod:`pytest_unlearnatk.formats`).
 
 Everything here is strict. A weights file whose keys do not match the component it is meant for
 fails with the numbers of missing and unexpected keys and a few examples; nothing loads partially.
@@ -17,11 +18,11 @@ from typing import Any
 
 from . import fingerprint as fp
 from .errors import SettingProblem, UnlearnAtkError
-from .options import parse_device, parse_dtype
+from .formats import LDM_UNET_PREFIX, DetectedFormat, detect, key_shapes
+from .options import parse_device, parse_dtype, parse_lora_scale
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 COMPONENTS = ("unet", "text_encoder")
-LDM_UNET_PREFIX = "model.diffusion_model."
 # Groups of an original (CompVis) Stable Diffusion checkpoint that are not the UNet.
 LDM_OTHER_PREFIXES = ("first_stage_model.", "cond_stage_model.", "model_ema.")
 LDM_SCHEDULE_KEYS = {
@@ -45,7 +46,8 @@ class LoadedModel:
     device: str
     dtype: str
     base: str | None = None  # the base pipeline a weights file was applied over
-    component: str | None = None  # which component the weights file replaced
+    component: str | None = None  # which component the weights file replaced ("lora" for an adapter)
+    description: str = ""  # what was loaded, in one line (the report shows it)
 
     @property
     def name(self) -> str:
@@ -99,23 +101,112 @@ def load_pipeline(
     device: str | None = "auto",
     dtype: str | None = "auto",
     component: str | None = None,
+    lora_scale: float | None = None,
 ) -> LoadedModel:
     """Load a Stable-Diffusion-style pipeline.
 
-    ``source`` is a diffusers pipeline directory (``save_pretrained`` layout), a hub id, a
-    UNet / text-encoder weights file (``.safetensors``, ``.pt``, ``.bin``, ``.ckpt``) which is then
-    applied over ``base``, or a name a registered model source knows (``toy:erased``; see
-    :mod:`pytest_unlearnatk.registry`), whose own base is the default ``base``. ``component``
-    forces ``unet`` or ``text_encoder`` for a weights file (by default it is told from the keys).
+    ``source`` is a diffusers pipeline directory (``save_pretrained`` layout), a hub id, an
+    original single-file checkpoint (UNet, VAE and text encoder; read with the configs of
+    ``base`` or of the folder it is in), a UNet / text-encoder weights file or a LoRA file
+    (``.safetensors``, ``.pt``, ``.bin``, ``.ckpt``) which is then applied over ``base``, or a name
+    a registered model source knows (``toy:erased``; see :mod:`pytest_unlearnatk.registry`), whose
+    own base is the default ``base``. ``base`` may itself be a directory, a hub id or a single-file
+    checkpoint. ``component`` forces ``unet`` or ``text_encoder`` for a weights file (by default it
+    is told from the keys). ``lora_scale`` (default 1) scales a LoRA file's update; any other
+    value is an error for a model that is not a LoRA file.
     """
-    name = str(source)
     base_name = base.source if isinstance(base, LoadedModel) else (None if base is None else str(base))
-    resolved, resolved_base = resolve_model(name, base_name)
-    loaded = _load(resolved, base=resolved_base, device=device, dtype=dtype, component=component)
-    loaded.source = name
-    if loaded.base is not None:
-        loaded.base = base_name or default_base(name)
-    return loaded
+    plan = plan_model(str(source), base_name, lora_scale)
+    device = select_device(device)
+    dtype = select_dtype(dtype, device)
+    pipeline, replaced = _build(plan, dtype, component)
+    pipeline.to(device)
+    return LoadedModel(pipeline=pipeline, source=plan.name, fingerprint=plan.fingerprint, device=device, dtype=dtype,
+                       base=None if plan.kind == "directory" else plan.shown_base,
+                       component=replaced, description=plan.description)
+
+
+def model_fingerprint(source: str | Path, base: str | Path | None = None, lora_scale: float | None = None) -> str:
+    """The fingerprint ``load_pipeline(source, base=base, lora_scale=...)`` would give, from file contents only."""
+    return plan_model(str(source), None if base is None else str(base), lora_scale).fingerprint
+
+
+def describe_model(source: str | Path, base: str | Path | None = None, lora_scale: float | None = None) -> str:
+    """The line ``load_pipeline`` would put in ``LoadedModel.description``, from file keys only."""
+    return plan_model(str(source), None if base is None else str(base), lora_scale).description
+
+
+@dataclass
+class ModelPlan:
+    """What a model source is, told from its files without loading it: how to load it, its
+    fingerprint (the store key's part) and the line the reports show."""
+
+    name: str  # the source as the user named it
+    kind: str  # "directory" | "checkpoint" | "weights" | "lora"
+    source: str  # resolved: a path or hub id
+    base: str | None  # resolved base (a pipeline directory, hub id or single-file checkpoint)
+    base_name: str | None  # the base as the user named it (or the model's own)
+    found: DetectedFormat | None = None  # the file's format (file kinds)
+    config_dir: Path | None = None  # a single-file checkpoint's configs
+    scale: float | None = None  # a LoRA's scale
+    fingerprint: str = ""
+    description: str = ""
+
+    @property
+    def shown_base(self) -> str | None:
+        return self.base_name or self.base
+
+
+def plan_model(name: str, base_name: str | None, lora_scale: Any = None) -> ModelPlan:
+    """The :class:`ModelPlan` of ``name`` over ``base_name``; wrong combinations fail here, before any loading."""
+    lora_scale = _checked_scale(lora_scale)
+    base_name = base_name or default_base(name)
+    source, base = resolve_model(name, base_name)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        _refuse_scale(lora_scale, name, "a pipeline directory")
+        return ModelPlan(name, "directory", source, base, base_name,
+                         fingerprint=fp.directory_fingerprint(_pipeline_directory(source)),
+                         description=f"diffusers pipeline {name}")
+    found = detect_file(path)
+    if found.kind == "checkpoint":
+        from .checkpoints import config_directory
+
+        _refuse_scale(lora_scale, name, "an original single-file checkpoint")
+        config_dir = config_directory(path, _config_base(base))
+        return ModelPlan(name, "checkpoint", source, base, base_name, found, config_dir,
+                         fingerprint=checkpoint_fingerprint(path, config_dir),
+                         description=found.describe(config=str(config_dir)))
+    if base is None:
+        raise _needs_base(path)
+    base_fingerprint = _base_fingerprint(base)
+    plan = ModelPlan(name, "lora" if found.is_lora else "weights", source, base, base_name, found)
+    if found.is_lora:
+        plan.scale = 1.0 if lora_scale is None else lora_scale
+    else:
+        _refuse_scale(lora_scale, name, f"{found.describe()}, not a LoRA file")
+    plan.fingerprint = weights_fingerprint(base_fingerprint, path, lora_scale=plan.scale)
+    plan.description = found.describe(base=plan.shown_base, scale=plan.scale)
+    return plan
+
+
+def _build(plan: ModelPlan, dtype: str, component: str | None) -> tuple[Any, str | None]:
+    """The planned pipeline (on the CPU) and the component a file replaced (``lora``, ``checkpoint``)."""
+    if plan.kind == "directory":
+        return _from_pretrained(_pipeline_directory(plan.source), dtype), None
+    path = Path(plan.source).expanduser()
+    state = read_state_dict(path)
+    if plan.kind == "checkpoint":
+        from .checkpoints import load_checkpoint
+
+        return load_checkpoint(path, state, plan.found, plan.config_dir, dtype), "checkpoint"
+    pipeline = _base_pipeline(str(plan.base), dtype)
+    if plan.kind == "lora":
+        from .lora import fuse_lora
+
+        fuse_lora(pipeline, state, plan.found, path, plan.scale)
+        return pipeline, "lora"
+    return pipeline, apply_weights_file(pipeline, path, component=component, state=state)
 
 
 def default_base(source: str) -> str | None:
@@ -148,41 +239,61 @@ def resolve_model(source: str, base: str | None) -> tuple[str, str | None]:
     return model.source, (one(base).source if base is not None else None)
 
 
-def _load(source: str, *, base: str | None, device: str | None, dtype: str | None, component: str | None) -> LoadedModel:
-    device = select_device(device)
-    dtype = select_dtype(dtype, device)
-    source_str = str(source)
-    path = Path(source_str).expanduser()
-    if path.is_file():
-        if path.suffix not in WEIGHT_SUFFIXES:
-            raise UnlearnAtkError(
-                f"{path}: not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}) "
-                "and not a pipeline directory"
-            )
-        if base is None:
-            raise _needs_base(path)
-        base_source = str(base)
-        pipeline, base_fingerprint = _load_pipeline_directory(base_source, dtype)
-        replaced = apply_weights_file(pipeline, path, component=component)
-        pipeline.to(device)
-        return LoadedModel(
-            pipeline=pipeline,
-            source=str(path),
-            fingerprint=weights_fingerprint(base_fingerprint, path),
-            device=device,
-            dtype=dtype,
-            base=base_source,
-            component=replaced,
-        )
-    pipeline, fingerprint = _load_pipeline_directory(source_str, dtype)
-    pipeline.to(device)
-    return LoadedModel(pipeline=pipeline, source=source_str, fingerprint=fingerprint, device=device, dtype=dtype)
+
+def _checked_scale(lora_scale: Any) -> float | None:
+    if lora_scale is None:
+        return None
+    try:
+        return parse_lora_scale(lora_scale)
+    except ValueError as error:
+        raise UnlearnAtkError(f"lora_scale={lora_scale!r}: {error}") from None
 
 
-def _load_pipeline_directory(source: str, dtype: str) -> tuple[Any, str]:
-    """A pipeline (on the CPU) and its fingerprint, from a local directory or a hub id."""
-    directory = _pipeline_directory(source)
-    return _from_pretrained(directory, dtype), fp.directory_fingerprint(directory)
+def _refuse_scale(lora_scale: float | None, name: str, what: str) -> None:
+    if lora_scale is not None and lora_scale != 1.0:
+        raise SettingProblem("lora_scale", f"{name} is {what}: a LoRA scale ({lora_scale}) applies only to a LoRA file",
+                             "1 (or leave it out)")
+
+
+def _config_base(base: str | None) -> str | None:
+    """The directory a base gives a single-file checkpoint its configs from: a pipeline directory, or a
+    hub id's (the base itself is fetched, as any base is); a base that is a file gives none."""
+    if base is None or Path(base).expanduser().is_file():
+        return None
+    return str(_pipeline_directory(base))
+
+
+def _base_checkpoint(base: str) -> tuple[Path, DetectedFormat, Path] | None:
+    """A base that is a file: (path, format, config directory); it must be a single-file checkpoint."""
+    path = Path(base).expanduser()
+    if not path.is_file():
+        return None
+    from .checkpoints import config_directory
+
+    found = detect_file(path)
+    if found.kind != "checkpoint":
+        raise UnlearnAtkError(f"the base {base} holds {found.describe()}, which goes over a base itself; a base is a "
+                              "pipeline directory, a hub id or an original single-file checkpoint (UNet, VAE and text "
+                              "encoder in one file)")
+    return path, found, config_directory(path, None)
+
+
+def _base_fingerprint(base: str) -> str:
+    checkpoint = _base_checkpoint(base)
+    if checkpoint is None:
+        return fp.directory_fingerprint(_pipeline_directory(base))
+    return checkpoint_fingerprint(checkpoint[0], checkpoint[2])
+
+
+def _base_pipeline(base: str, dtype: str) -> Any:
+    """The base pipeline (on the CPU): a directory, a hub id or a single-file checkpoint."""
+    checkpoint = _base_checkpoint(base)
+    if checkpoint is None:
+        return _from_pretrained(_pipeline_directory(base), dtype)
+    from .checkpoints import load_checkpoint
+
+    path, found, config_dir = checkpoint
+    return load_checkpoint(path, read_state_dict(path), found, config_dir, dtype)
 
 
 def _pipeline_directory(source: str) -> Path:
@@ -201,15 +312,16 @@ def _pipeline_directory(source: str) -> Path:
     raise UnlearnAtkError(f"{source!r} is neither an existing path nor a hub id like 'CompVis/stable-diffusion-v1-4'")
 
 
-def model_fingerprint(source: str | Path, base: str | Path | None = None) -> str:
-    """The fingerprint ``load_pipeline(source, base=base)`` would give, from file contents only."""
-    source, base = resolve_model(str(source), None if base is None else str(base))
-    path = Path(str(source)).expanduser()
-    if path.is_file():
-        if base is None:
-            raise _needs_base(path)
-        return weights_fingerprint(fp.directory_fingerprint(_pipeline_directory(str(base))), path)
-    return fp.directory_fingerprint(_pipeline_directory(str(source)))
+
+def detect_file(path: str | Path) -> DetectedFormat:
+    """The format of a weights file, from its keys (see :mod:`pytest_unlearnatk.formats`)."""
+    path = Path(path)
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise UnlearnAtkError(
+            f"{path}: not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}) "
+            "and not a pipeline directory"
+        )
+    return detect(key_shapes(path), path)
 
 
 def _needs_base(path: Path) -> SettingProblem:
@@ -217,18 +329,28 @@ def _needs_base(path: Path) -> SettingProblem:
                           "BASE (a pipeline directory or hub id)")
 
 
-def weights_fingerprint(base_fingerprint: str, weights_file: Path) -> str:
-    """A weights file applied over a base: the file's contents decide which component it replaces."""
-    return fp.combine(base_fingerprint, f"weights:{fp.file_sha256(weights_file)}")
+def weights_fingerprint(base_fingerprint: str, weights_file: Path, lora_scale: float | None = None) -> str:
+    """A weights file applied over a base: the file's contents decide which component it replaces.
+    A LoRA file (``lora_scale`` given) is keyed with its scale: each scale is another model."""
+    if lora_scale is None:
+        return fp.combine(base_fingerprint, f"weights:{fp.file_sha256(weights_file)}")
+    return fp.combine(base_fingerprint, f"lora:{fp.file_sha256(weights_file)}:scale={float(lora_scale)!r}")
+
+
+def checkpoint_fingerprint(path: Path, config_dir: Path) -> str:
+    """An original single-file checkpoint: its contents and the config directory it is read with."""
+    return fp.combine(fp.directory_fingerprint(config_dir), f"checkpoint:{fp.file_sha256(path)}")
 
 
 class LazyModel:
     """A model named by its source; fingerprinted from files, loaded only when first used."""
 
-    def __init__(self, source: str, base: str | None = None, device: str | None = "auto", dtype: str | None = "auto") -> None:
-        self.source, self.device, self.dtype = source, device, dtype
+    def __init__(self, source: str, base: str | None = None, device: str | None = "auto", dtype: str | None = "auto",
+                 lora_scale: float | None = None) -> None:
+        self.source, self.device, self.dtype, self.lora_scale = source, device, dtype, lora_scale
         self.base = base if base is not None else default_base(source)
         self._fingerprint: str | None = None
+        self._description: str | None = None
         self._loaded: LoadedModel | None = None
         self._failure: UnlearnAtkError | None = None
 
@@ -239,8 +361,19 @@ class LazyModel:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = self._loaded.fingerprint if self._loaded else model_fingerprint(self.source, self.base)
+            self._inspect()
         return self._fingerprint
+
+    @property
+    def description(self) -> str:
+        """What is (or would be) loaded, in one line; told from file keys, without loading."""
+        if self._description is None:
+            self._inspect()
+        return self._description
+
+    def _inspect(self) -> None:
+        source = self._loaded or plan_model(self.source, self.base, self.lora_scale)
+        self._fingerprint, self._description = source.fingerprint, source.description
 
     @property
     def is_loaded(self) -> bool:
@@ -253,7 +386,8 @@ class LazyModel:
             raise UnlearnAtkError(f"{self.source} could not be loaded (see the first error about it in this run)")
         if self._loaded is None:
             try:
-                self._loaded = load_pipeline(self.source, base=self.base, device=self.device, dtype=self.dtype)
+                self._loaded = load_pipeline(self.source, base=self.base, device=self.device, dtype=self.dtype,
+                                             lora_scale=self.lora_scale)
             except UnlearnAtkError as error:
                 self._failure = error
                 raise
@@ -272,7 +406,8 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from exc
 
 
-def _from_pretrained(directory: Path, dtype: str) -> Any:
+def _from_pretrained(directory: Path, dtype: str, **components: Any) -> Any:
+    """The pipeline in ``directory``; ``components`` (``unet=...``) replace the directory's own."""
     import torch
 
     with _quiet_libraries():
@@ -285,7 +420,7 @@ def _from_pretrained(directory: Path, dtype: str) -> Any:
     try:
         with _quiet_libraries():
             pipeline = StableDiffusionPipeline.from_pretrained(
-                directory, dtype=getattr(torch, dtype), safety_checker=None, requires_safety_checker=False
+                directory, dtype=getattr(torch, dtype), safety_checker=None, requires_safety_checker=False, **components
             )
     except (OSError, ValueError, KeyError) as exc:
         raise UnlearnAtkError(f"{directory}: could not load it as a Stable Diffusion pipeline: {exc}") from exc
@@ -320,8 +455,9 @@ def _quiet_libraries() -> Iterator[None]:
 # --- weights files ---------------------------------------------------------------------------
 
 
-def read_state_dict(path: str | Path) -> dict[str, Any]:
-    """Tensors of a ``.safetensors`` file, or of a ``.pt``/``.bin``/``.ckpt`` read with ``weights_only=True``."""
+def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Tensors of a ``.safetensors`` file, or of a ``.pt``/``.bin``/``.ckpt`` read with ``weights_only=True``
+    (``mmap``: memory-mapped, for reading key names and shapes only)."""
     import torch
 
     path = Path(path)
@@ -331,7 +467,12 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) torch file
     except pickle.UnpicklingError as exc:
         raise UnlearnAtkError(
             f"{path}: could not be read as a weights file: it holds pickled objects other than tensors, "
@@ -352,12 +493,14 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def apply_weights_file(pipeline: Any, path: str | Path, component: str | None = None) -> str:
-    """Load a UNet or text-encoder weights file into ``pipeline`` in place; returns the component name."""
+def apply_weights_file(pipeline: Any, path: str | Path, component: str | None = None,
+                       state: dict[str, Any] | None = None) -> str:
+    """Load a UNet or text-encoder weights file into ``pipeline`` in place; returns the component name.
+    ``state``: the file's tensors when already read."""
     path = Path(path)
     if component is not None and component not in COMPONENTS:
         raise UnlearnAtkError(f"component={component!r}; use one of {', '.join(COMPONENTS)}")
-    state = read_state_dict(path)
+    state = read_state_dict(path) if state is None else state
     if any(key.startswith(LDM_UNET_PREFIX) for key in state):
         if component not in (None, "unet"):
             raise UnlearnAtkError(f"{path} holds an original-layout (LDM) UNet, but component={component!r} was asked for")
@@ -374,19 +517,7 @@ def _convert_ldm_unet(state: dict[str, Any], unet_config: Any, path: Path) -> di
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     unet_keys = [k for k in state if k.startswith(LDM_UNET_PREFIX) and k not in LDM_SCHEDULE_KEYS]
-    other = [k for k in state if not k.startswith(LDM_UNET_PREFIX) and k not in LDM_SCHEDULE_KEYS]
-    unknown = [k for k in other if not k.startswith(LDM_OTHER_PREFIXES)]
-    if unknown:
-        raise UnlearnAtkError(
-            f"{path}: original-layout checkpoint with {len(unknown)} keys outside the known groups "
-            f"(model.diffusion_model., first_stage_model., cond_stage_model.), e.g. {unknown[:3]}"
-        )
-    if other:
-        warnings.warn(
-            f"{path}: only the UNet (model.diffusion_model.*) is applied; {len(other)} VAE/text-encoder keys "
-            "of this full checkpoint are not used",
-            stacklevel=3,
-        )
+    check_original_groups(state, path)
     try:
         converted = convert_ldm_unet_checkpoint({k: state[k] for k in unet_keys}, dict(unet_config))
     except (KeyError, IndexError, ValueError) as exc:
@@ -400,6 +531,20 @@ def _convert_ldm_unet(state: dict[str, Any], unet_config: Any, path: Path) -> di
             "conversion to the base pipeline's UNet layout; is the base the model this checkpoint was trained from?"
         )
     return converted
+
+
+def check_original_groups(state: dict[str, Any], path: Path) -> None:
+    """An original-layout file holds only the known groups (UNet, VAE, text encoder, EMA, schedule)."""
+    other = [k for k in state if not k.startswith(LDM_UNET_PREFIX) and k not in LDM_SCHEDULE_KEYS]
+    unknown = [k for k in other if not k.startswith(LDM_OTHER_PREFIXES)]
+    if unknown:
+        raise UnlearnAtkError(
+            f"{path}: original-layout checkpoint with {len(unknown)} keys outside the known groups "
+            f"(model.diffusion_model., first_stage_model., cond_stage_model.), e.g. {unknown[:3]}"
+        )
+    if any(k.startswith("model_ema.") for k in other):
+        warnings.warn(f"{path}: its EMA copy of the UNet (model_ema.*) is not used; the trained weights "
+                      "(model.diffusion_model.*) are, as in diffusers' single-file loading", stacklevel=4)
 
 
 def _match_component(state: dict[str, Any], pipeline: Any, component: str | None, path: Path) -> tuple[str, dict]:
@@ -427,14 +572,19 @@ def _match_component(state: dict[str, Any], pipeline: Any, component: str | None
     return best[1], {k: v for k, v in best[2].items() if k not in IGNORED_BUFFER_KEYS}
 
 
-def _check_keys(weights: dict[str, Any], expected: dict[str, Any], name: str, path: Path) -> None:
+def _check_keys(weights: dict[str, Any], expected: dict[str, Any], name: str, path: Path,
+                config_dir: Path | None = None) -> None:
+    """Every key the module has, no other, each of its shape. ``config_dir``: the directory a
+    single-file checkpoint's configs came from (else the weights go over the base pipeline)."""
     missing = sorted(expected.keys() - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
+    into = f"the {name} configured by {config_dir}" if config_dir is not None else f"the base pipeline's {name}"
+    hint = (f"Is {config_dir} a pipeline of the same architecture as the checkpoint?" if config_dir is not None
+            else f"Is it a {name} file for this base model? Check --unlearn-base / base=.")
     if missing or unexpected:
         raise UnlearnAtkError(
-            f"{path}: its keys do not match the base pipeline's {name}: {len(missing)} missing "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). "
-            f"Is it a {name} file for this base model? Check --unlearn-base / base=."
+            f"{path}: its keys do not match {into}: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). {hint}"
         )
     wrong_shape = [
         f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -443,6 +593,6 @@ def _check_keys(weights: dict[str, Any], expected: dict[str, Any], name: str, pa
     ]
     if wrong_shape:
         raise UnlearnAtkError(
-            f"{path}: {len(wrong_shape)} tensors have the wrong shape for the base pipeline's {name} "
-            f"(e.g. {wrong_shape[:3]}); the base is probably a different model size"
+            f"{path}: {len(wrong_shape)} tensors have the wrong shape for {into} "
+            f"(e.g. {wrong_shape[:3]}); " + (hint if config_dir is not None else "the base is probably a different model size")
         )

@@ -5,7 +5,8 @@ the ini file in ``pytest_configure``) and everything after that trusts it. Each 
 own help text and parser in its metadata: the plugin declares one ``--unlearn-<field>`` option
 and one ``unlearn_<field>`` ini key per field, so adding an option means adding a field here.
 
-The parsers (:func:`parse_batch`, :func:`parse_shard`, :func:`parse_device`, :func:`parse_dtype`)
+The parsers (:func:`parse_batch`, :func:`parse_shard`, :func:`parse_device`, :func:`parse_dtype`,
+:func:`parse_lora_scale`)
 are also what ``run_gate`` and gate declarations use: each value is checked in one place.
 Precedence (command line over ini is pytest's; the run's options over a gate's own declaration)
 lives in :meth:`RunOptions.budget_for`, :meth:`RunOptions.batch_for` and
@@ -14,6 +15,7 @@ lives in :meth:`RunOptions.budget_for`, :meth:`RunOptions.batch_for` and
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
@@ -110,6 +112,19 @@ def parse_dtype(value: Any) -> str:
     return DTYPE_ALIASES.get(text, text)
 
 
+def parse_lora_scale(value: Any) -> float:
+    """How strongly a LoRA file's update is applied: a finite number (1 = as trained, 0 = the base)."""
+    if value is None:
+        return 1.0
+    try:
+        scale = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError("give a number, e.g. 1 (as trained), 0.5, or 0 (the base model)") from None
+    if isinstance(value, bool) or not math.isfinite(scale):
+        raise ValueError("give a finite number, e.g. 1 (as trained), 0.5, or 0 (the base model)")
+    return scale
+
+
 def parse_budget(value: Any) -> str | None:
     """A preset name that at least one registered attack has (``smoke``, ``fast``, ``reference``)."""
     if value is None:
@@ -134,10 +149,14 @@ def _flag(help_text: str) -> Any:
 class RunOptions:
     """Settings of a whole run: which models, where results go, what every gate may override."""
 
-    model: str | None = _option("PATH", "the unlearned model under test: pipeline directory, hub id, weights file "
-                                "(with a base) or a registered name such as toy:erased")
-    base: str | None = _option("PATH", "the original model: renders target images; the base a weights file is "
-                               "applied over (default: the base the model names itself, if any)")
+    model: str | None = _option("PATH", "the unlearned model under test: pipeline directory, hub id, original "
+                                "single-file checkpoint, UNet / text-encoder weights or LoRA file (with a base), "
+                                "or a registered name such as toy:erased")
+    base: str | None = _option("PATH", "the original model: renders target images; the base a weights or LoRA file "
+                               "is applied over, and the configs a single-file checkpoint is read with (default: "
+                               "the base the model names itself, if any)")
+    lora_scale: float = _option("SCALE", "strength of a LoRA / adapter model file: its update is fused times SCALE "
+                                "(default 1: as trained; 0: the base). Part of the store key", parse_lora_scale, 1.0)
     device: str = _option("DEVICE", "auto (default: cuda when available, else cpu), cpu, cuda, cuda:N",
                           parse_device, "auto")
     dtype: str = _option("DTYPE", "auto (default: float16 on GPU, float32 on CPU), float32, float16, bfloat16",

@@ -47,6 +47,7 @@ class GateRecord:
     newly_resisting: int = -1
     baseline_p: float = 1.0  # exact McNemar p-value of the difference
     max_new_broken: int = -1  # the gate's limit on newly broken cases (-1: none)
+    model_description: str = ""  # what was loaded, in one line ("LoRA rank 4 on unet (192 modules) over ...")
 
     @property
     def partial(self) -> bool:
@@ -73,6 +74,7 @@ class GateRecord:
             newly_resisting=comparison.newly_resisting if comparison else -1,
             baseline_p=comparison.p_value if comparison else 1.0,
             max_new_broken=-1 if max_new_broken is None else max_new_broken,
+            model_description=result.model_description,
         )
 
     def properties(self) -> list[tuple[str, Any]]:
@@ -137,7 +139,7 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
         f"(95% CI {record.asr_ci[0]:.0%}-{record.asr_ci[1]:.0%}; pre-ASR {record.pre_asr:.1%}, n={record.n}, "
         f"concept {record.concept}, judge {record.judge}, "
         f"attack {record.attack}, budget {record.budget})",
-        f"model: {record.model}",
+        f"model: {record.model}" + (f" ({record.model_description})" if record.model_description else ""),
     ]
     if record.vs_baseline:
         lines.append(record.vs_baseline)
@@ -188,10 +190,20 @@ def _baseline_cell(record: GateRecord) -> str:
 
 def summary_table(records: list[GateRecord]) -> list[str]:
     """The terminal summary; rates with their 95% Wilson interval; ASR of a replay-only run is
-    shown as '>=x%' (a lower bound)."""
+    shown as '>=x%' (a lower bound). Below the table, one line per model says what was loaded."""
     rows = [SUMMARY_HEADER, *summary_rows(records)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_HEADER))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return table + [f"model {name}: {description}" for name, description in model_lines(records)]
+
+
+def model_lines(records: list[GateRecord]) -> list[tuple[str, str]]:
+    """(model as the table names it, what was loaded) of each model the records name, once each."""
+    seen: dict[str, str] = {}
+    for record in records:
+        if record.model_description:
+            seen.setdefault(Path(record.model).name or record.model, record.model_description)
+    return list(seen.items())
 
 
 def markdown_summary(records: list[GateRecord]) -> str:
@@ -202,6 +214,8 @@ def markdown_summary(records: list[GateRecord]) -> str:
     lines = ["### unlearn gates", "", "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in summary_rows(records)]
     failed = [r for r in records if not r.passed and not r.pending]
+    described = [f"- model `{name}`: {cell(description)}" for name, description in model_lines(records)]
+    lines += [""] + described if described else []
     lines += ["", f"{len(records) - len(failed)} of {len(records)} gates passed."]
     if any(r.partial for r in records):
         lines.append("Partial gates ran only their first cases (--unlearn-limit): their verdicts cover those cases only.")

@@ -115,6 +115,7 @@ class GateResult:
     cases: list[CaseResult]
     reused: int = 0  # cases whose result came from the store
     replay_only: bool = False  # no optimization ran: ASR is a lower bound
+    model_description: str = ""  # what was loaded as the model, in one line (LoRA rank, base, scale, ...)
 
     @property
     def counted(self) -> list[CaseResult]:

@@ -56,7 +56,9 @@ class GateSession:
         base = self.options.base if which == "model" else None
         key = (source, base)
         if key not in self.models:
-            self.models[key] = LazyModel(source, base=base, device=self.device(), dtype=self.options.dtype)
+            scale = self.options.lora_scale if which == "model" else None  # the base is never scaled
+            self.models[key] = LazyModel(source, base=base, device=self.device(), dtype=self.options.dtype,
+                                         lora_scale=scale)
         return self.models[key]
 
     def device(self) -> str:

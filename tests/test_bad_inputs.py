@@ -246,11 +246,16 @@ def test_a_baseline_that_is_this_runs_report_directory_is_refused(tmp_path):
 
 
 def test_a_base_that_is_a_weights_file_says_so(tiny_dir, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     from pytest_unlearnatk import load_pipeline
 
     weights = tmp_path / "unet.safetensors"
-    weights.write_bytes(b"x")
-    with pytest.raises(UnlearnAtkError, match="is a file, not a pipeline directory"):
+    save_file({"conv_in.weight": torch.zeros(1)}, str(weights))
+    with pytest.raises(UnlearnAtkError, match=r"the base .*unet.safetensors holds unet weights, diffusers layout, which "
+                                              "goes over a base itself; a base is a pipeline directory, a hub id or an "
+                                              "original single-file checkpoint"):
         load_pipeline(weights, base=weights)
 
 
