@@ -183,9 +183,10 @@ class _P4D:
                             a = alphas[t]
                             latent = a.sqrt() * target_latent + (1 - a).sqrt() * noise.to(device).unsqueeze(0)
                             noisy.append(latent)
-                            base_t = torch.tensor([t], device=base_pipeline.device)
-                            wanted.append(base_pipeline.unet(latent.to(base_pipeline.device, base_pipeline.unet.dtype),
-                                                             base_t, encoder_hidden_states=base_hidden).sample.float().to(device))
+                            base_device = next(base_pipeline.unet.parameters()).device  # where it is now
+                            wanted.append(base_pipeline.unet(
+                                latent.to(base_device, base_pipeline.unet.dtype), torch.tensor([t], device=base_device),
+                                encoder_hidden_states=base_hidden.to(base_device)).sample.float().to(device))
                     for t, latent, goal in zip(timesteps.tolist(), noisy, wanted):
                         projected = table[nearest()].float().requires_grad_(True)
                         injector.embeddings = projected
