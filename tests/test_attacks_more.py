@@ -193,3 +193,49 @@ def test_concept_inversion_keeps_its_embedding_content_addressed_and_replays_it(
     messages = " ".join(str(warning.message) for warning in caught)
     assert "does not match its name" in messages and "is not in the store (or damaged); skipped" in messages
     assert not broken.cases[0].hit
+
+
+def test_the_optimizations_lower_their_own_objectives(tiny_model, base_model, tmp_path):
+    """On fixed noise samples: P4D-n's tokens after 60 steps match the base's prediction better than
+    its random start, and concept inversion's embedding explains the target better than its start
+    (a sign flipped or an update never applied fails this)."""
+    import torch
+
+    from pytest_unlearnatk.attacks.concept_inversion import load_embedding
+    from pytest_unlearnatk.attacks.unlearndiffatk import EmbeddingInjector, encode_target
+    from pytest_unlearnatk.render import noise_schedule
+    from pytest_unlearnatk.targets import RenderedTargets
+    from pytest_unlearnatk.tokens import TokenLayout
+
+    pipeline, base = tiny_model.pipeline, base_model.pipeline
+    layout = TokenLayout.from_pipeline(pipeline)
+    [case] = load_cases(CASES[1:])
+    content = pipeline.tokenizer(case.prompt, add_special_tokens=False).input_ids
+    latent = encode_target(pipeline, RenderedTargets(base_model, FAST_RENDER)(case, layout.sequence(content)))
+    noises = torch.randn((16, *latent.shape[1:]), generator=torch.Generator().manual_seed(5))
+    timesteps = torch.arange(50, 1000, 60)[:16]
+    a = noise_schedule(pipeline)[timesteps].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latent + (1 - a).sqrt() * noises
+
+    def prediction(model, ids, embedding=None):
+        with torch.no_grad():
+            injector = EmbeddingInjector(model.text_encoder, [1])
+            with injector.active():
+                injector.embeddings = embedding
+                hidden = model.text_encoder(torch.tensor([ids]))[0]
+            return model.unet(noisy, timesteps, encoder_hidden_states=hidden.expand(16, -1, -1)).sample
+
+    goal = prediction(base, layout.sequence(content))
+    settings = {"iterations": 60, "eval_step": 60, "lr": 0.1}
+    start = gate(tiny_model, base_model, "p4d-n", cases=CASES[1:], **{**settings, "iterations": 1, "lr": 1e-12}).cases[0]
+    end = gate(tiny_model, base_model, "p4d-n", cases=CASES[1:], **settings).cases[0]
+    p4d_loss = [torch.nn.functional.mse_loss(prediction(pipeline, r.prompt_ids), goal).item() for r in (start, end)]
+    assert p4d_loss[1] < p4d_loss[0], p4d_loss
+
+    store = Store(tmp_path / "store")
+    found = [gate(tiny_model, base_model, "concept-inversion", cases=CASES[1:], store=store, judge=never, steps=steps,
+                  check_every=steps).cases[0] for steps in (1, 120)]
+    embeddings = [load_embedding(store.embedding_bytes(r.embedding) or b"")[0] for r in found]
+    ci_loss = [torch.nn.functional.mse_loss(prediction(pipeline, r.prompt_ids, e), noises).item()
+               for r, e in zip(found, embeddings)]
+    assert ci_loss[1] < ci_loss[0], ci_loss
