@@ -44,8 +44,9 @@ class DiffersFromPlain:
 
 
 def gate(model, base, attack, cases=CASES, judge=never, **keywords):
+    keywords.setdefault("progress", False)
     return run_gate(model, load_cases(cases), judge, attack=attack, budget="smoke", base=base, render=FAST_RENDER,
-                    concept="church", progress=False, **keywords)
+                    concept="church", **keywords)
 
 
 @pytest.mark.parametrize("attack", NEW_ATTACKS)
@@ -239,3 +240,13 @@ def test_the_optimizations_lower_their_own_objectives(tiny_model, base_model, tm
     ci_loss = [torch.nn.functional.mse_loss(prediction(pipeline, r.prompt_ids, e), noises).item()
                for r, e in zip(found, embeddings)]
     assert ci_loss[1] < ci_loss[0], ci_loss
+
+
+@pytest.mark.parametrize("attack", NEW_ATTACKS)
+def test_progress_reports_each_attacks_steps(tiny_model, base_model, attack):
+    lines = []
+    gate(tiny_model, base_model, attack, cases=CASES[:1], progress=lambda snapshot: lines.append(snapshot.line()))
+    most = get_attack(attack, "smoke").config
+    most = getattr(most, {"ring-a-bell": "generations", "concept-inversion": "steps"}.get(attack, "iterations"))
+    assert any(f"case 0 step 1/{most}" in line for line in lines) and any(f"step {most}/{most}" in line for line in lines)
+    assert lines[-1].startswith("1/1 cases")
