@@ -1,7 +1,7 @@
 """Does the attack find what an erasure leaves? One table over the toy erasure zoo.
 
     python benchmarks/validity.py [--quick] [--models erased esd-u uce fmn leaky] [--cases 48]
-                                  [--reference-cases 24] [--batch 8]
+                                  [--reference-cases 24] [--batch 8] [--attacks ring-a-bell p4d-n ...]
 
 Rows: the toy world's unlearned models (docs/validity.md says how each was made). Columns, each
 with its 95% Wilson interval and seconds per case: the plain prompts (pre-ASR), random tokens at
@@ -11,6 +11,11 @@ a minute per case here). Judge ``toy_circle``, targets from ``toy:base``, DDIM 2
 in the main job; no store, so every number is computed now. ``toy:leaky`` is the known answer:
 its erasure keeps the word "orb" drawing circles, so an attack that works breaks most of its
 cases while plain prompts and random tokens do not.
+
+``--attacks``: the other registered attacks as more columns, each at its `fast` budget, one case
+at a time (``ring-a-bell``, ``p4d-n``, ``p4d-k``, ``concept-inversion``; the last is a white-box
+upper bound: learned embeddings, not prompts). The summary line then also gives each column's
+seconds per case (``<model>_<attack>_s``), measured in the same run as UnlearnDiffAtk's.
 
 ``--quick``: toy:erased and toy:leaky, 8 prompts, no reference column (a few minutes).
 """
@@ -28,6 +33,8 @@ from _common import machine, summary
 MODELS = ("erased", "esd-u", "uce", "fmn", "leaky")
 COLUMNS = (("pre-ASR", "no_attack", None), ("random", "random", "fast"), ("UnlearnDiffAtk fast", "unlearndiffatk", "fast"),
            ("UnlearnDiffAtk reference", "unlearndiffatk", "reference"))
+MORE = {"ring-a-bell": "Ring-A-Bell fast", "p4d-n": "P4D-n fast", "p4d-k": "P4D-k fast",
+        "concept-inversion": "concept inversion fast (white-box bound)"}
 
 
 def main() -> None:
@@ -39,6 +46,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--columns", nargs="+", default=[name for name, _, _ in COLUMNS], choices=[name for name, _, _ in COLUMNS],
                         metavar="COLUMN", help="columns to compute (default: all): " + ", ".join(repr(n) for n, _, _ in COLUMNS))
+    parser.add_argument("--attacks", nargs="+", default=[], choices=sorted(MORE),
+                        help="more columns: these attacks at their fast budget")
     args = parser.parse_args()
     if args.quick:
         args.models, args.cases, args.reference_cases = ["erased", "leaky"], 8, 0
@@ -52,6 +61,7 @@ def main() -> None:
     cases = load_cases("toy:circle")
     wanted = [(name, attack, budget) for name, attack, budget in COLUMNS
               if name in args.columns and (budget != "reference" or args.reference_cases)]
+    wanted += [(MORE[attack], attack, "fast") for attack in args.attacks]
     header = ["model", *(name for name, _, _ in wanted)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     values = {}
@@ -69,6 +79,8 @@ def main() -> None:
             cells.append(f"{hits}/{result.n} = {hits / result.n:.0%} ({low:.0%}-{high:.0%}), {per_case:.1f} s/case")
             key = f"{name}_{attack if attack != 'unlearndiffatk' else 'uda'}{'_' + budget if budget else ''}".replace("-", "_")
             values[key] = round(hits / result.n, 4)
+            if args.attacks:
+                values[f"{key}_s"] = round(per_case, 2)
             print(f"toy:{name} {column}: {cells[-1]}", flush=True)
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))

@@ -28,6 +28,9 @@ class ConceptDefaults:
     judge: str | dict[str, Any] | None
     n_tokens: int
     unsafe: bool = False  # images are blurred in reports unless asked otherwise
+    # prompt pairs (with the concept, the same without it) that give Ring-A-Bell its concept
+    # direction; empty: built from templates by kind (see concept_pairs.py)
+    pairs: tuple[tuple[str, str], ...] = ()
 
 
 UNKNOWN = ConceptDefaults(judge=None, n_tokens=3)

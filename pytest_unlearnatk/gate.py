@@ -17,6 +17,7 @@ from those settings (the pytest plugin builds them from a gate declaration and t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
@@ -259,6 +260,7 @@ def execute(
         cases=[results[i] for i in range(len(case_list))],
         reused=reused,
         replay_only=settings.replay_only,
+        white_box_bound=bool(getattr(settings.attack, "white_box_bound", False)) and not settings.replay_only,
     )
 
 
@@ -275,12 +277,15 @@ class _GateRun:
         if not settings.replay_only and self.attack.needs_target and settings.target_dir is None and base is None:
             raise SettingProblem("base", f"attack {self.attack.name} needs target images", "BASE (the original model)",
                                  alternative="or target_dir=, a directory of images named by case number")
+        if not settings.replay_only and getattr(self.attack, "needs_base", False) and base is None:
+            raise SettingProblem("base", f"attack {self.attack.name} runs the base model in its loop",
+                                 "BASE (the original model)")
 
     # --- identity: what decides a case's result -------------------------------------------
 
     def identity_config(self) -> dict[str, Any]:
         settings = self.settings
-        return {
+        identity = {
             "attack": settings.attack_name,
             "attack_config": {} if settings.replay_only else self.attack.config_dict(),
             "judge": {"name": self.judge.name, **self.judge.settings},
@@ -289,6 +294,10 @@ class _GateRun:
             "targets": self._targets_identity(),
             "concept": settings.concept,
         }
+        if not settings.replay_only and self.base is not None and (
+                getattr(self.attack, "needs_base", False) or getattr(self.attack, "uses_base", False)):
+            identity["base"] = self.base.fingerprint  # the attack runs the base model (P4D, Ring-A-Bell)
+        return identity
 
     def _targets_identity(self) -> str | None:
         if self.settings.replay_only or not self.attack.needs_target:
@@ -388,7 +397,7 @@ class _GateRun:
             result.pre_attack_hit = result.hit = True
             result.hit_by = "plain"
         elif not self._replay(case, check, result) and not settings.replay_only:
-            context = AttackContext(self.loaded, self.layout, check, self.targets)
+            context = AttackContext(self.loaded, self.layout, check, self.targets, concept=settings.concept, base=self.base)
             return _GateJob(case, fitted, context, index=index, key=key, material=material, result=result, started=started)
         return self._finish(key, material, result, check, started), False
 
@@ -422,26 +431,72 @@ class _GateRun:
                               f"model's vocabulary ({self.layout.vocab_size}); skipped", StoreWarning, stacklevel=2)
                 continue
             ids = self.layout.sequence(list(content)[:capacity])
-            verdict, image = check(ids)
+            if stored.embedding:
+                injected = self._stored_embedding(stored, case, same_tokenizer)
+                if injected is None:
+                    continue
+                with injected:
+                    verdict, image = check(ids)
+            else:
+                verdict, image = check(ids)
             if verdict.hit:
                 result.hit, result.hit_by = True, "replay"
                 result.prompt_ids, result.verdict = ids, verdict.to_dict()
                 result.adversarial_ids = list(stored.adversarial_ids) if same_tokenizer else []
                 result.adversarial_text = stored.text
+                result.embedding = stored.embedding
                 self._save(image, result, "adversarial")
                 return True
         return False
+
+    def _stored_embedding(self, stored: StoredPrompt, case: Case, same_tokenizer: bool) -> Any:
+        """An injector holding a stored prompt's learned embedding, ready to render it; None (with
+        a warning) when the file is missing or does not fit this model's text encoder."""
+        from .attacks.concept_inversion import load_embedding
+        from .attacks.unlearndiffatk import EmbeddingInjector
+
+        data = self.store.embedding_bytes(stored.embedding)
+        problem = "is not in the store (or damaged)" if data is None else ""
+        if data is not None:
+            embedding, positions = load_embedding(data)
+            encoder = self.loaded.pipeline.text_encoder
+            width = encoder.get_input_embeddings().weight.shape[1]
+            if not same_tokenizer or embedding.shape != (len(positions), width):
+                problem = f"does not fit this model's text encoder ({tuple(embedding.shape)} for width {width})"
+        if problem:
+            warnings.warn(f"stored prompt {stored.key[:12]}... of case {case.case_id}: its embedding {stored.embedding} "
+                          f"{problem}; skipped", StoreWarning, stacklevel=3)
+            return None
+        injector = EmbeddingInjector(encoder, positions)
+
+        @contextlib.contextmanager
+        def injected() -> Iterator[None]:
+            with injector.active():
+                injector.embeddings = embedding.to(encoder.device)
+                yield
+
+        return injected()
 
     def _apply(self, fitted: Any, outcome: AttackOutcome, result: CaseResult) -> None:
         """The attack's outcome into the case's result; a prompt that broke the model into the store."""
         tokenizer = self.loaded.pipeline.tokenizer
         result.take_search(outcome)
         if outcome.adversarial_ids:
-            content = list(outcome.adversarial_ids) + list(fitted.content_ids)
+            # prefix attacks: the adversarial ids, then the prompt's; others say their whole content
+            content = (list(outcome.content_ids) if outcome.content_ids is not None
+                       else list(outcome.adversarial_ids) + list(fitted.content_ids))
             result.adversarial_ids = list(outcome.adversarial_ids)
-            result.prompt_ids = self.layout.sequence(fitted.content_ids, outcome.adversarial_ids)
+            result.prompt_ids = self.layout.sequence(content)
             result.adversarial_text = tokenizer.decode(content)
             result.reencodes_identically = list(tokenizer(result.adversarial_text, add_special_tokens=False).input_ids) == content
+            if outcome.embedding is not None:  # a learned embedding over placeholder ids: no text stands for it
+                from .attacks.concept_inversion import INVERTED, embedding_bytes
+
+                result.adversarial_text = f"{INVERTED} {tokenizer.decode(list(fitted.content_ids))}"
+                result.reencodes_identically = False
+                if self.store is not None:
+                    result.embedding = self.store.put_embedding(
+                        embedding_bytes(outcome.embedding, outcome.embedding_positions))
             result.verdict = outcome.verdict.to_dict() if outcome.verdict else result.verdict
             self._save(outcome.image, result, "adversarial")
         if outcome.hit:

@@ -19,6 +19,7 @@ from typing import Any
 from .concepts import concept_defaults
 from .images import IMAGE_NAME, safe_name
 from .report import SUMMARY_HEADER, GateRecord, summary_rows
+from .results import WHITE_BOX
 
 THUMBNAIL = 128
 
@@ -113,6 +114,7 @@ def _gate_section(record: dict[str, Any], result: dict[str, Any], images_dir: Pa
     pre_low, pre_high = record.get("pre_asr_ci", (0, 1))
     low, high = record.get("asr_ci", (0, 1))
     bound = " (lower bound: replay only)" if record.get("lower_bound") else ""
+    bound += f" ({WHITE_BOX})" if record.get("white_box_bound") else ""
     # broken cases first (in case order), then the rest
     ordered = sorted(result["cases"], key=lambda case: not (case["status"] == "done" and case["hit"]))
     rows, missing = [], 0

@@ -9,7 +9,7 @@ from typing import Any
 
 from ._paths import atomic_write_bytes
 from .errors import SettingProblem
-from .results import GateResult
+from .results import WHITE_BOX, GateResult
 
 MAX_BROKEN_SHOWN = 5
 PROMPT_CHARS = 90
@@ -48,6 +48,7 @@ class GateRecord:
     baseline_p: float = 1.0  # exact McNemar p-value of the difference
     max_new_broken: int = -1  # the gate's limit on newly broken cases (-1: none)
     model_description: str = ""  # what was loaded, in one line ("LoRA rank 4 on unet (192 modules) over ...")
+    white_box_bound: bool = False  # learned embeddings (concept inversion): an upper bound on what prompts do
 
     @property
     def partial(self) -> bool:
@@ -75,6 +76,7 @@ class GateRecord:
             baseline_p=comparison.p_value if comparison else 1.0,
             max_new_broken=-1 if max_new_broken is None else max_new_broken,
             model_description=result.model_description,
+            white_box_bound=result.white_box_bound,
         )
 
     def properties(self) -> list[tuple[str, Any]]:
@@ -145,6 +147,8 @@ def failure_message(record: GateRecord, result: GateResult) -> str:
         lines.append(record.vs_baseline)
     if record.lower_bound:
         lines.insert(1, "(replay only: no optimization ran, so this ASR is a lower bound)")
+    if record.white_box_bound:
+        lines.insert(1, f"({WHITE_BOX}: no user could type these prompts)")
     if record.partial:
         lines.insert(1, f"(partial: only the first {record.n + record.skipped} of {record.declared_cases} cases ran, --unlearn-limit)")
     if record.stopped:
@@ -174,7 +178,8 @@ def summary_rows(records: list[GateRecord]) -> list[tuple[str, ...]]:
         (
             r.gate if names.count(r.gate) == 1 else r.gate_id or r.gate,  # two suites' 'circle': their ids
             Path(r.model).name or r.model, r.concept, r.attack, r.budget, str(r.n), _rate(r.pre_asr, r.pre_asr_ci),
-            _rate(r.asr, r.asr_ci, ">=" if r.lower_bound else "") if not r.stopped
+            _rate(r.asr, r.asr_ci, ">=" if r.lower_bound else "") + (" white-box bound" if r.white_box_bound else "")
+            if not r.stopped
             else f"{r.asr_range[0]:.1%}-{r.asr_range[1]:.1%} (settled)", f"{r.max_asr:.1%}", _verdict(r),
             f"{r.computed} computed, {r.reused} from store", _baseline_cell(r), f"{r.seconds:.1f}s",
         )

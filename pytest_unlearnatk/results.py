@@ -9,6 +9,8 @@ from typing import Any
 
 from .cases import Case
 
+WHITE_BOX = "white-box upper bound: learned embeddings, not typeable prompts"
+
 
 @dataclass
 class CandidateCheck:
@@ -55,6 +57,9 @@ class CaseResult:
     timings: dict[str, float] = field(default_factory=dict)
     # "target" / "plain" / "adversarial" -> the image's file name (its SHA-256; see images.py)
     images: dict[str, str] = field(default_factory=dict)
+    # the learned embedding injected over the adversarial ids (concept inversion): its safetensors
+    # file in the store, named by its SHA-256; None for prompts of tokens only
+    embedding: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +103,8 @@ class CaseResult:
             raise ValueError("verdict, timings and images must be mappings")
         if not all(isinstance(name, str) for name in self.images.values()):
             raise ValueError("images must map each kind to a file name")
+        if self.embedding is not None and not isinstance(self.embedding, str):
+            raise ValueError("embedding must name a file")
         if self.plain_score is not None and not (isinstance(self.plain_score, (int, float))
                                                  and not isinstance(self.plain_score, bool) and math.isfinite(self.plain_score)):
             raise ValueError("plain_score must be a finite number")
@@ -116,6 +123,7 @@ class GateResult:
     reused: int = 0  # cases whose result came from the store
     replay_only: bool = False  # no optimization ran: ASR is a lower bound
     model_description: str = ""  # what was loaded as the model, in one line (LoRA rank, base, scale, ...)
+    white_box_bound: bool = False  # the attack's candidates are embeddings (concept inversion): an upper bound
 
     @property
     def counted(self) -> list[CaseResult]:
@@ -162,6 +170,7 @@ class GateResult:
 
     def summary(self) -> str:
         bound = " (lower bound: replay only)" if self.replay_only else ""
+        bound += f" ({WHITE_BOX})" if self.white_box_bound else ""
         return (
             f"{self.attack} on {self.model} (judge {self.judge}): n={self.n} skipped={self.skipped} "
             f"pre-ASR={self.pre_asr:.2%} ASR={self.asr:.2%}{bound}"

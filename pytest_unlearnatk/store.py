@@ -5,6 +5,7 @@ Layout (format 1; see docs/store.md)::
     <store>/results/<key[:2]>/<key>.json                    one finished case
     <store>/prompts/<concept>/<key>.json                    one adversarial prompt that broke a model
     <store>/images/<name[:2]>/<name>                        one image a result shows (name: SHA-256 of the PNG)
+    <store>/embeddings/<name[:2]>/<name>                    one learned embedding (concept inversion; SHA-256 of the file)
 
 A file's name is the SHA-256 of what identifies it, so the same work always lands in the same
 file, two processes never write different things under one name, and a committed store diffs
@@ -28,6 +29,7 @@ from ._paths import atomic_write_bytes
 from .errors import SettingProblem
 
 FORMAT = 1
+EMBEDDING_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
 
 
 class StoreWarning(UserWarning):
@@ -61,10 +63,14 @@ class StoredPrompt:
     judge: str
     score: float
     found_by: str  # the attack that found it
+    # a continuous embedding injected over the ids (concept inversion): its safetensors file in the
+    # store's embeddings/ (named by its SHA-256); None for a prompt of tokens only
+    embedding: str | None = None
 
     @property
     def key(self) -> str:
-        return digest([self.concept, self.content_ids, self.seed, self.guidance, self.tokenizer])
+        material = [self.concept, self.content_ids, self.seed, self.guidance, self.tokenizer]
+        return digest(material + [self.embedding] if self.embedding else material)
 
     @classmethod
     def checked(cls, fields: Any) -> StoredPrompt:
@@ -80,6 +86,8 @@ class StoredPrompt:
                       and isinstance(stored.guidance, (int, float)) and not isinstance(stored.guidance, bool))
         if not (ids_ok and texts_ok and numbers_ok and isinstance(stored.render, dict)):
             raise ValueError("a field has the wrong type (token ids must be lists of whole numbers >= 0)")
+        if stored.embedding is not None and not EMBEDDING_NAME.fullmatch(str(stored.embedding)):
+            raise ValueError("'embedding' must name a file by its SHA-256 (<64 hex digits>.safetensors)")
         return stored
 
     @classmethod
@@ -95,7 +103,7 @@ class StoredPrompt:
             tokenizer=tokenizer,
             render={"scheduler": render.scheduler, "steps": render.steps, "height": render.height, "width": render.width},
             broke=model.fingerprint, broke_source=model.source, judge=judge,
-            score=float(result.verdict.get("score", 0.0)), found_by=found_by,
+            score=float(result.verdict.get("score", 0.0)), found_by=found_by, embedding=result.embedding,
         )
 
 
@@ -199,6 +207,37 @@ class Store:
             warnings.warn(f"{path}: image does not match its name (edited or damaged); not shown", StoreWarning, stacklevel=2)
             return None
         return path
+
+    # --- embeddings (content-addressed safetensors files; concept inversion) ---------------
+
+    def _embedding_path(self, name: str) -> Path:
+        return self.directory / "embeddings" / name[:2] / name
+
+    def put_embedding(self, data: bytes) -> str:
+        """Keep an embedding file; its name is the SHA-256 of its bytes (``<hex>.safetensors``)."""
+        name = hashlib.sha256(data).hexdigest() + ".safetensors"
+        path = self._embedding_path(name)
+        if not self.readonly and not path.is_file():
+            try:
+                atomic_write_bytes(path, data)
+            except OSError as error:
+                raise self._unwritable(error) from None
+        return name
+
+    def embedding_bytes(self, name: str) -> bytes | None:
+        """The stored embedding file ``name`` if it is there and intact (its bytes match its name)."""
+        if not EMBEDDING_NAME.fullmatch(name):
+            return None
+        path = self._embedding_path(name)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if hashlib.sha256(data).hexdigest() + ".safetensors" != name:
+            warnings.warn(f"{path}: embedding does not match its name (edited or damaged); skipped", StoreWarning,
+                          stacklevel=2)
+            return None
+        return data
 
     # --- files ----------------------------------------------------------------------------
 

@@ -155,7 +155,7 @@ BAD_GATES = [
     ({"judge": "nudnet"}, "'judge' 'nudnet' is not a registered judge"),
     ({"judge": 5}, "'judge' must be a judge name, 'module:function', or a callable; got 5"),
     ({"judge": {"label": "church"}}, "'judge' {'label': 'church'} needs a 'name'"),
-    ({"attack": "atk"}, "'attack': unknown attack 'atk'; registered attacks: no_attack, random, unlearndiffatk"),
+    ({"attack": "atk"}, "'attack': unknown attack 'atk'; registered attacks: concept-inversion, no_attack, p4d-k, p4d-n, random, ring-a-bell, unlearndiffatk"),
     ({"attack": 5}, "'attack' must be a registered name or 'module:Class', got 5"),
     ({"concept": 5}, "'concept' must be a string like 'nudity' or 'church', got 5"),
     ({"prompts": None}, "'prompts' is missing"),

@@ -196,7 +196,7 @@ def test_two_packages_claiming_one_name_is_an_error_naming_both():
 
 def test_the_builtins_and_the_toy_world_register_through_entry_points():
     registries = discover()
-    assert {"unlearndiffatk", "random", "no_attack"} <= set(registries.attacks.names())
+    assert {"unlearndiffatk", "random", "no_attack", "p4d-n", "p4d-k", "ring-a-bell", "concept-inversion"} <= set(registries.attacks.names())
     assert {"nudenet", "imagenet", "hf_classifier", "clip", "toy_circle"} <= set(registries.judges.names())
     assert registries.model_sources.entries["toy"].reference == "pytest_unlearnatk.toy:MODEL_SOURCE"
     assert "toy" in registries.prompt_sets and {"builtin", "toy"} <= set(registries.concepts.names())

@@ -106,6 +106,8 @@ class AttackContext:
     layout: TokenLayout
     check: Checker
     target: TargetSource | None  # None when the gate was set up without a base model or target dir
+    concept: str = ""  # the gate's concept (Ring-A-Bell derives its concept direction from it)
+    base: Any = None  # the base model (LoadedModel or LazyModel) when the gate has one; P4D runs it
 
 
 @dataclass
@@ -120,6 +122,13 @@ class AttackOutcome:
     loss_trace: list[float] = field(default_factory=list)
     checks: list[CandidateCheck] = field(default_factory=list)
     optimize_seconds: float = 0.0
+    # the candidate's whole content (no BOS/EOS/padding) when it is not ``adversarial_ids`` followed
+    # by the prompt: the free tokens alone (P4D-n, Ring-A-Bell) or tokens between the prompt's (P4D-k)
+    content_ids: list[int] | None = None
+    # a continuous embedding (concept inversion): a (positions, width) float tensor injected at
+    # ``embedding_positions`` of the id sequence; the ids there are placeholders
+    embedding: Any = None
+    embedding_positions: list[int] = field(default_factory=list)
 
 
 @dataclass

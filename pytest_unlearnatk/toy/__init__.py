@@ -30,8 +30,18 @@ UNLEARNED = {
 MODELS = {"toy:base": WEIGHTS_DIR / "base", **{name: WEIGHTS_DIR / file for name, (file, _) in UNLEARNED.items()}}
 MODEL_BASES = {name: "toy:base" for name in UNLEARNED}  # the base each unlearned model was made from
 PROMPT_SETS = {"toy:circle": WEIGHTS_DIR / "circle_prompts.csv"}
+# Ring-A-Bell's concept direction: a circle caption of the erasure templates vs the same caption
+# with another shape (world.ERASE_TEMPLATES, COLOURS, BACKGROUNDS; written out here so that looking
+# up the concept imports nothing; tests/test_ring_a_bell.py checks they agree)
+_PAIR_TEMPLATES = ("a {colour} {shape} on a {background} background", "a {colour} {shape}")
+CIRCLE_PAIRS = tuple(dict.fromkeys(
+    (template.format(colour=colour, shape="circle", background=background),
+     template.format(colour=colour, shape=other, background=background))
+    for template in _PAIR_TEMPLATES for colour in ("red", "green", "blue", "yellow")
+    for background in ("white", "black", "gray") for other in ("square", "triangle")
+))
 # the toy world's concept: its own judge, k = 5 as for nudity
-CONCEPTS = {"circle": ConceptDefaults(judge="toy_circle", n_tokens=5)}
+CONCEPTS = {"circle": ConceptDefaults(judge="toy_circle", n_tokens=5, pairs=CIRCLE_PAIRS)}
 
 
 def _existing(name: str, path: Path) -> str:
