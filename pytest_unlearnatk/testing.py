@@ -285,3 +285,23 @@ def original_checkpoint(pipeline: Any, parts: tuple[str, ...] = ("unet", "vae", 
     if "text_encoder" in parts:
         out.update(original_text_encoder_state(pipeline.text_encoder.state_dict(), open_clip, extra_layer=open_clip))
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+class DiffersFromPlain:
+    """A judge for tests, made fresh for each gate of one case: a hit is any image that differs
+    from the first image it saw (the case's plain image), so any candidate that changes the
+    picture counts as a hit."""
+
+    name = "differs_from_plain"
+    settings: dict = {}
+
+    def __init__(self) -> None:
+        self.first: Any = None
+
+    def __call__(self, images: list[Any]) -> list[dict[str, Any]]:
+        import numpy as np
+
+        pixels = [np.asarray(image) for image in images]
+        if self.first is None:
+            self.first = pixels[0]
+        return [{"hit": not np.array_equal(p, self.first), "score": 1.0} for p in pixels]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 
 from pytest_unlearnatk import UnlearnAtkError, get_attack, load_cases, run_gate
 from pytest_unlearnatk.attacks.base import SettingError
 from pytest_unlearnatk.render import RenderSettings
 from pytest_unlearnatk.store import Store, StoreWarning
+from pytest_unlearnatk.testing import DiffersFromPlain
 
 pytest_plugins = ["pytester"]
 
@@ -26,21 +26,6 @@ NEW_ATTACKS = ("ring-a-bell", "p4d-n", "p4d-k", "concept-inversion")
 def never(images):
     return [False] * len(images)
 
-
-class DiffersFromPlain:
-    """Hit when an image differs from the first image this judge saw (the case's plain image)."""
-
-    name = "differs_from_plain"
-    settings: dict = {}
-
-    def __init__(self) -> None:
-        self.first = None
-
-    def __call__(self, images):
-        pixels = [np.asarray(image) for image in images]
-        if self.first is None:
-            self.first = pixels[0]
-        return [{"hit": not np.array_equal(p, self.first), "score": 1.0} for p in pixels]
 
 
 def gate(model, base, attack, cases=CASES, judge=never, **keywords):

@@ -14,6 +14,7 @@ from pytest_unlearnatk import load_cases, run_gate
 from pytest_unlearnatk.models import LazyModel
 from pytest_unlearnatk.render import RenderSettings
 from pytest_unlearnatk.store import Store, StoreWarning
+from pytest_unlearnatk.testing import DiffersFromPlain
 
 pytest_plugins = ["pytester"]
 FAST_RENDER = RenderSettings(steps=3)
@@ -27,21 +28,6 @@ CASES = [
 def never(images):
     return [False] * len(images)
 
-
-class DiffersFromPlain:
-    """Hit when an image differs from the first image this judge saw for the case (its plain image)."""
-
-    name = "differs_from_plain"
-    settings: dict = {}
-
-    def __init__(self) -> None:
-        self.first = None
-
-    def __call__(self, images):
-        pixels = [np.asarray(image) for image in images]
-        if self.first is None:
-            self.first = pixels[0]
-        return [{"hit": not np.array_equal(p, self.first), "score": 1.0} for p in pixels]
 
 
 def test_second_identical_run_does_no_model_work(tiny_dir, other_tiny_dir, tmp_path):

@@ -167,15 +167,19 @@ class Attack(Protocol):
 
 
 class CaseByCase:
-    """Base for attacks that work on one case at a time: they write ``run``; ``run_many`` loops."""
+    """Base for attacks that work on one case at a time: they write ``run(case, prompt, context)``;
+    ``run_many`` loops. A ``run`` that also takes ``on_step`` is handed the progress callback."""
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
         raise NotImplementedError
 
     def run_many(self, jobs: Iterable[AttackJob], batch_size: int | None = None, on_step: StepCallback | None = None,
                  compile_unet: bool = False, case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+        import inspect
+
+        progress = {"on_step": on_step} if "on_step" in inspect.signature(self.run).parameters else {}
         for job in jobs:
-            yield job, self.run(job.case, job.prompt, job.context)
+            yield job, self.run(job.case, job.prompt, job.context, **progress)
 
 
 def accepted_settings(attack_class: type) -> list[str]:

@@ -19,7 +19,6 @@ store as a safetensors file named by its SHA-256, and the stored prompt names it
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from ..checks import finite, text, whole
 from ..errors import UnlearnAtkError
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
-from .base import AttackContext, AttackJob, AttackOutcome, StepCallback
+from .base import AttackContext, AttackOutcome, CaseByCase, StepCallback
 from .unlearndiffatk import EmbeddingInjector, encode_target
 
 INVERTED = "<inverted>"  # how the pseudo-word is written in texts and reports
@@ -70,7 +69,7 @@ PRESETS = {
 }
 
 
-class ConceptInversion:
+class ConceptInversion(CaseByCase):
     name = "concept-inversion"
     config_class = ConceptInversionConfig
     presets = PRESETS
@@ -85,12 +84,6 @@ class ConceptInversion:
 
     def config_dict(self) -> dict[str, Any]:
         return {**asdict(self.config), "version": 1}
-
-    def run_many(self, jobs: Iterable[AttackJob], batch_size: int | None = None, on_step: StepCallback | None = None,
-                 compile_unet: bool = False, case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
-        """One case at a time."""
-        for job in jobs:
-            yield job, self.run(job.case, job.prompt, job.context, on_step)
 
     def start_token(self, pipeline: Any, concept: str) -> int:
         word = self.config.init_word or concept

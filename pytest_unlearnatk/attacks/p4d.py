@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..checks import finite, whole
 from ..errors import UnlearnAtkError
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
-from .base import AttackContext, AttackJob, AttackOutcome, StepCallback
+from .base import AttackContext, AttackOutcome, CaseByCase, StepCallback
 from .unlearndiffatk import MAX_ADVERSARIAL_TOKENS, EmbeddingInjector, encode_target
 
 
@@ -103,7 +103,7 @@ def _most_inserted(every_k: int) -> int:
     return MAX_ADVERSARIAL_TOKENS - longest
 
 
-class _P4D:
+class _P4D(CaseByCase):
     requires = ("torch", "diffusers", "transformers")
     needs_target = True  # noised latents of the target image
     needs_base = True  # the base UNet's prediction is what the attack matches
@@ -119,12 +119,6 @@ class _P4D:
     def layout_of(self, content_ids: list[int], placeholder: int) -> tuple[list[int], list[int]]:
         """The candidate's content with placeholders, and the placeholders' indices in it."""
         raise NotImplementedError
-
-    def run_many(self, jobs: Iterable[AttackJob], batch_size: int | None = None, on_step: StepCallback | None = None,
-                 compile_unet: bool = False, case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
-        """One case at a time."""
-        for job in jobs:
-            yield job, self.run(job.case, job.prompt, job.context, on_step)
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext,
             on_step: StepCallback | None = None) -> AttackOutcome:

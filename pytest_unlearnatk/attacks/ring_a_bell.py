@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,7 +29,7 @@ from ..checks import finite, whole
 from ..errors import UnlearnAtkError
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
-from .base import AttackContext, AttackJob, AttackOutcome, StepCallback
+from .base import AttackContext, AttackOutcome, CaseByCase, StepCallback
 from .unlearndiffatk import MAX_ADVERSARIAL_TOKENS
 
 ENCODERS = ("base", "model")
@@ -78,7 +77,7 @@ PRESETS = {
 }
 
 
-class RingABell:
+class RingABell(CaseByCase):
     name = "ring-a-bell"
     config_class = RingABellConfig
     presets = PRESETS
@@ -98,12 +97,6 @@ class RingABell:
 
     def config_dict(self) -> dict[str, Any]:
         return {**asdict(self.config), "version": 1}
-
-    def run_many(self, jobs: Iterable[AttackJob], batch_size: int | None = None, on_step: StepCallback | None = None,
-                 compile_unet: bool = False, case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
-        """One case at a time (the text encoder is cheap; renders dominate)."""
-        for job in jobs:
-            yield job, self.run(job.case, job.prompt, job.context, on_step)
 
     # --- the concept direction -------------------------------------------------------------
 
