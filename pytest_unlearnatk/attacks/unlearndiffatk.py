@@ -182,11 +182,14 @@ class EmbeddingInjector:
 
     The hook on ``get_input_embeddings()`` works on every transformers version; passing embeddings
     through ``forward`` arguments does not (transformers 5's CLIPTextModel takes only ids).
-    ``embeddings`` is ``(n_positions, width)`` for every sequence of the batch, or
-    ``(batch, n_positions, width)``, one row per sequence.
+    ``positions`` is one list of positions for every sequence of the batch: ``embeddings`` is then
+    ``(n_positions, width)`` for every sequence, or ``(batch, n_positions, width)``, one row per
+    sequence. Or it is one list per sequence (their places and numbers may differ, as P4D-k's free
+    tokens between prompts of different lengths): ``embeddings`` is then ``(total, width)``, the
+    first sequence's positions' rows, then the second's, and so on.
     """
 
-    def __init__(self, text_encoder: Any, positions: list[int]) -> None:
+    def __init__(self, text_encoder: Any, positions: list[int] | list[list[int]]) -> None:
         self.module = text_encoder.get_input_embeddings()
         self.positions = positions
         self.embeddings: Any = None  # None = leave the embeddings alone
@@ -196,6 +199,10 @@ class EmbeddingInjector:
             return output
         output = output.clone()
         embeddings = self.embeddings.to(output.dtype)
+        if self.positions and isinstance(self.positions[0], (list, tuple)):  # each sequence its own positions
+            rows = [row for row, positions in enumerate(self.positions) for _ in positions]
+            output[rows, [position for positions in self.positions for position in positions]] = embeddings
+            return output
         if embeddings.dim() == 2:
             embeddings = embeddings.unsqueeze(0).expand(output.shape[0], -1, -1)
         output[:, self.positions] = embeddings
