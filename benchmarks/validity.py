@@ -12,9 +12,10 @@ in the main job; no store, so every number is computed now. ``toy:leaky`` is the
 its erasure keeps the word "orb" drawing circles, so an attack that works breaks most of its
 cases while plain prompts and random tokens do not.
 
-``--attacks``: the other registered attacks as more columns, each at its `fast` budget, one case
-at a time (``ring-a-bell``, ``p4d-n``, ``p4d-k``, ``concept-inversion``; the last is a white-box
-upper bound: learned embeddings, not prompts). The summary line then also gives each column's
+``--attacks``: the other registered attacks as more columns, each at its `fast` budget, ``--batch``
+cases at once where the attack batches (``p4d-n``, ``p4d-k``), else one case at a time
+(``ring-a-bell``, ``concept-inversion``; the last is a white-box upper bound: learned embeddings,
+not prompts). The summary line then also gives each column's
 seconds per case (``<model>_<attack>_s``), measured in the same run as UnlearnDiffAtk's.
 
 ``--quick``: toy:erased and toy:leaky, 8 prompts, no reference column (a few minutes).

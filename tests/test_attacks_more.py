@@ -3,9 +3,11 @@ smoke runs from run_gate, a marker and YAML; determinism; store and replay; clea
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
+from test_attack import _same_case_results, salted_hash_judge  # UnlearnDiffAtk's batching tests' helpers
 
 from pytest_unlearnatk import UnlearnAtkError, get_attack, load_cases, run_gate
 from pytest_unlearnatk.attacks.base import SettingError
@@ -235,3 +237,94 @@ def test_progress_reports_each_attacks_steps(tiny_model, base_model, attack):
     most = getattr(most, {"ring-a-bell": "generations", "concept-inversion": "steps"}.get(attack, "iterations"))
     assert any(f"case 0 step 1/{most}" in line for line in lines) and any(f"step {most}/{most}" in line for line in lines)
     assert lines[-1].startswith("1/1 cases")
+
+
+# prompts of different lengths: P4D-k's free tokens sit at other places (and are more or fewer) in each
+COMPANY = ["a church", "a photo of a church in a field", "a red circle on a white background at noon",
+           "a small house", "an old stone church under a grey winter sky with snow on its roof"]
+COMPANY_SETTINGS = {"iterations": 8, "eval_step": 2}  # 4 checks per case
+
+
+def _varied(result, attack) -> bool:
+    """A hit before the budget's end (its place refilled while others run on) and a full budget."""
+    attacked = [c for c in result.cases if not c.pre_attack_hit]
+    return (any(c.hit_by == attack and c.hit_step < COMPANY_SETTINGS["iterations"] for c in attacked)
+            and any(not c.hit and c.steps == COMPANY_SETTINGS["iterations"] for c in attacked))
+
+
+@pytest.mark.parametrize("attack", ["p4d-n", "p4d-k"])
+def test_a_case_gets_exactly_its_result_in_any_company_of_its_batch(tiny_model, base_model, tmp_path, attack):
+    """P4D batches cases like UnlearnDiffAtk, at the batch's full shape: a case run beside four
+    others (batch 3: cases leave and join as they finish) gets bit for bit the tokens, loss trace,
+    checks and verdict it gets alone in the batch (the other four reused from the store, their
+    places padded). The judge hashes the image bytes: a single pixel's rounding would show."""
+    from pytest_unlearnatk import Store
+
+    def run(judge, store_dir):
+        return gate(tiny_model, base_model, attack, cases=COMPANY, judge=judge, batch_size=3, store=Store(store_dir),
+                    **COMPANY_SETTINGS)
+
+    for salt in range(16):  # which images hit is chance (a hash): take a salt that covers both paths
+        judge, store_dir = salted_hash_judge(salt), tmp_path / f"store{salt}"
+        together = run(judge, store_dir)
+        if _varied(together, attack):
+            break
+    else:
+        pytest.fail("no hash salt gave both an early hit and a full budget on these cases")
+    attacked = [c for c in together.cases if not c.pre_attack_hit]
+    assert len(attacked) >= 3
+    if attack == "p4d-k":
+        assert len({len(c.adversarial_ids) for c in attacked}) > 1  # rows with their own free positions
+    for case in attacked:  # forget this case's result only: it runs again with padding for company
+        for path in (store_dir / "results").rglob("*.json"):
+            if json.loads(path.read_text())["identity"]["case"]["prompt"] == case.case.prompt:
+                path.unlink()
+        shutil.rmtree(store_dir / "prompts", ignore_errors=True)  # no replays: the attack must find it again
+        alone = run(judge, store_dir)
+        assert alone.reused == len(COMPANY) - 1
+        _same_case_results(together, alone)
+
+
+@pytest.mark.parametrize("attack", ["p4d-n", "p4d-k"])
+def test_batched_cases_compute_what_they_compute_one_at_a_time(tiny_dir, other_tiny_dir, attack):
+    """Batch 3 against batch 1, in float64 (where another shape's rounding stays below float32's
+    resolution, so results must match bit for bit): batching changes which rows share a model
+    call, never what a case computes (its own tokens, timesteps, noise, base predictions)."""
+    import torch
+
+    from pytest_unlearnatk import load_pipeline
+
+    model, base = load_pipeline(tiny_dir), load_pipeline(other_tiny_dir)
+    model.pipeline.to(torch.float64)
+    base.pipeline.to(torch.float64)
+    for salt in range(16):
+        judge = salted_hash_judge(salt)
+        one = gate(model, base, attack, cases=COMPANY, judge=judge, batch_size=1, **COMPANY_SETTINGS)
+        if _varied(one, attack):
+            break
+    else:
+        pytest.fail("no hash salt gave both an early hit and a full budget on these cases")
+    _same_case_results(one, gate(model, base, attack, cases=COMPANY, judge=judge, batch_size=3, **COMPANY_SETTINGS))
+
+
+def test_p4d_reports_every_case_of_its_batch_each_step(tiny_model, base_model):
+    seen = []
+    gate(tiny_model, base_model, "p4d-k", batch_size=2,
+         progress=lambda snapshot: seen.append(sorted((a.case_id, a.step) for a in snapshot.active)))
+    assert [("0", 1), ("1", 1)] in seen and [("0", 6), ("1", 6)] in seen
+
+
+def test_a_nan_loss_is_an_error_naming_the_case_and_step(tiny_model, other_tiny_dir, tmp_path):
+    import torch
+    from PIL import Image
+
+    from pytest_unlearnatk import load_pipeline
+    from pytest_unlearnatk.render import NonFiniteError
+
+    base = load_pipeline(other_tiny_dir)  # its own copy: the shared fixture stays intact
+    with torch.no_grad():
+        base.pipeline.unet.conv_out.bias[0] = float("nan")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "0.png")  # targets from a directory: the base only predicts
+    with pytest.raises(NonFiniteError, match=r"model .*: p4d-n on case 0: the loss \(the distance to the base model's "
+                                             r"prediction\) is nan at step 1: .*no verdict can be given"):
+        gate(tiny_model, base, "p4d-n", cases=CASES[:1], target_dir=tmp_path)

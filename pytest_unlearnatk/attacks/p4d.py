@@ -14,14 +14,22 @@ The base model's prediction does not depend on the adversarial tokens, so it is 
 a gradient, a block of ``eval_step`` steps at a time (their timesteps and noise are drawn first).
 ``offload_base``: the two UNets take turns on the device (the base's for a block's predictions,
 then the unlearned one's for the block's steps), so the peak holds one UNet's weights, not two.
+
+Cases are batched like UnlearnDiffAtk's (:mod:`.batching`): up to ``batch_size`` cases at once,
+each step one text-encoder and one UNet call for all of them at the batch's full shape (free places
+padded with copies of a live case, whose outputs are dropped); at a block's start the base UNet
+predicts the block's steps of every case starting one, in batches of exactly ``batch_size`` rows;
+the checks of the cases whose block ended are rendered together in batches of ``batch_size``. Each
+case keeps its own generator (initial tokens, timesteps, noise), soft embeddings, AdamW state and
+check schedule, and its own free-token positions (P4D-k's differ with the prompt's length), so its
+tokens and verdict do not depend on which cases share its batch (tests/test_attacks_more.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..cases import Case
@@ -29,7 +37,8 @@ from ..checks import finite, whole
 from ..errors import UnlearnAtkError
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
-from .base import AttackContext, AttackOutcome, CaseByCase, StepCallback
+from .base import AttackContext, AttackJob, AttackOutcome, Checker, StepCallback
+from .batching import FixedShapeBatch, case_memory_bytes, finite_losses
 from .unlearndiffatk import MAX_ADVERSARIAL_TOKENS, EmbeddingInjector, encode_target
 
 
@@ -103,18 +112,22 @@ def _most_inserted(every_k: int) -> int:
     return MAX_ADVERSARIAL_TOKENS - longest
 
 
-class _P4D(CaseByCase):
+class _P4D:
     requires = ("torch", "diffusers", "transformers")
     needs_target = True  # noised latents of the target image
     needs_base = True  # the base UNet's prediction is what the attack matches
     default_preset = "reference"
+    name: str
 
     def __init__(self, config: Any = None) -> None:
         self.config = config or self.presets["reference"]
 
     def config_dict(self) -> dict[str, Any]:
-        # offload_base moves weights, never numbers: it stays out of the store key
-        return {**{k: v for k, v in asdict(self.config).items() if k != "offload_base"}, "version": 1}
+        # offload_base moves weights, never numbers: it stays out of the store key.
+        # "version" changes whenever the same settings would find other tokens (it is part of the
+        # store key): 2 = cases batched at the batch's full shape, one loss per row (the batched
+        # mean rounds differently from version 1's one-case mean, so a token can flip)
+        return {**{k: v for k, v in asdict(self.config).items() if k != "offload_base"}, "version": 2}
 
     def layout_of(self, content_ids: list[int], placeholder: int) -> tuple[list[int], list[int]]:
         """The candidate's content with placeholders, and the placeholders' indices in it."""
@@ -122,104 +135,260 @@ class _P4D(CaseByCase):
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext,
             on_step: StepCallback | None = None) -> AttackOutcome:
+        """Attack one case (a batch of one)."""
+        [(_, outcome)] = self.run_many([AttackJob(case, prompt, context)], batch_size=1, on_step=on_step)
+        return outcome
+
+    def run_many(self, jobs: Iterable[AttackJob], batch_size: int | str | None = None,
+                 on_step: StepCallback | None = None, compile_unet: bool = False,
+                 case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+        """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
+
+        As UnlearnDiffAtk's ``run_many`` (see :mod:`.batching`): each step runs the text encoder
+        and the unlearned UNet once for the whole batch, at its full shape (free places padded with
+        copies of a live case, whose outputs are dropped); at the start of a block the base UNet
+        computes the block's predictions for the cases starting one, in batches of exactly
+        ``batch_size`` rows; checks are rendered together, in batches of ``batch_size``. Each case
+        keeps its own generator, soft embeddings, AdamW state and check schedule, so its tokens and
+        verdict do not depend on which cases share its batch. ``batch_size``: a number, or
+        ``"auto"`` (decided on the model's device and size, conservatively: see ``_setup``).
+        ``compile_unet`` is ignored. ``case_count``: the gate's number of cases, a cap on the batch.
+        """
+        yield from _P4DBatch(self, iter(jobs), batch_size, on_step, case_count).run()
+
+
+@dataclass
+class _P4DSlot:
+    """One case in the batch: its free tokens, their soft embeddings and optimizer, its block."""
+
+    job: AttackJob
+    content: list[int]  # the candidate's content, placeholders at the free tokens
+    free: list[int]  # the free tokens' indices in ``content``
+    ids: list[int]  # the id sequence the text encoder reads (the free tokens' embeddings are injected)
+    target_latent: Any  # (1, C, H, W)
+    base_hidden: Any  # the base text encoder's features of the plain prompt, (1, length, width)
+    generator: Any  # the case's own: initial tokens, then each block's timesteps and noise
+    soft: Any  # (free tokens, width) float32: the optimized soft embeddings
+    optimizer: Any  # AdamW on ``soft``
+    outcome: AttackOutcome = field(default_factory=AttackOutcome)
+    step_in_block: int = 0
+    block_length: int = 0
+    timesteps: list[int] = field(default_factory=list)  # the block's
+    noisy: Any = None  # (block length, C, H, W): the target latent noised at each step of the block
+    wanted: Any = None  # (block length, C, H, W): the base UNet's predictions on them
+    block_losses: list[Any] = field(default_factory=list)
+    last_checked: list[int] | None = None
+
+
+# "auto" batch size: one case is charged this many times what case_memory_bytes estimates for an
+# UnlearnDiffAtk case (the activations its backward pass through the unlearned UNet keeps). A P4D
+# case also has the base UNet's forward (no gradient, but its activations exist while it runs) and
+# its block's noised latents and base predictions; that is unmeasured, so the charge is doubled,
+# to be conservative. The base's weights are a fixed cost, not a case's: the size is decided after
+# the base is loaded (and, with offload_base, moved off the device), so free memory already counts them.
+CASE_MEMORY_FACTOR = 2
+
+
+class _P4DBatch(FixedShapeBatch):
+    """P4D's optimization loop over a changing batch of cases (see ``_P4D.run_many``)."""
+
+    def __init__(self, attack: _P4D, jobs: Iterator[AttackJob], batch_size: int | str | None,
+                 on_step: StepCallback | None, case_count: int | None = None) -> None:
+        super().__init__(jobs, batch_size, on_step, case_count)
+        self.attack, self.config = attack, attack.config
+        self.max_steps = attack.config.iterations
+        self.swap: _Swap | None = None
+
+    def run(self) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+        try:
+            yield from super().run()
+        finally:
+            if self.swap is not None:
+                self.swap.restore()
+
+    def _base_turn(self) -> Any:
+        return self.swap.base_turn() if self.swap is not None else contextlib.nullcontext()
+
+    # --- the batch ------------------------------------------------------------------------
+
+    def _setup(self, context: AttackContext) -> None:
         import torch
 
         from ..render import noise_schedule
 
-        config, layout = self.config, context.layout
+        name = self.attack.name
         if context.target is None:
-            raise UnlearnAtkError(f"{self.name} needs target images: give a base model (base=, --unlearn-base)")
+            raise UnlearnAtkError(f"{name} needs target images: give a base model (base=, --unlearn-base)")
         if context.base is None:
-            raise UnlearnAtkError(f"{self.name} runs the base model in its loop: give one (base=, --unlearn-base)")
-        pipeline = context.model.pipeline
+            raise UnlearnAtkError(f"{name} runs the base model in its loop: give one (base=, --unlearn-base)")
+        pipeline = self.pipeline = context.model.pipeline
         for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
             module.requires_grad_(False).eval()
-        device = pipeline.device
-        plain_ids = layout.sequence(prompt.content_ids)
-        target_latent = encode_target(pipeline, context.target(case, plain_ids))  # before any offloading
+        self.device = pipeline.device
+        self.base_source = context.base
         base = context.base.load() if hasattr(context.base, "is_loaded") else context.base
-        base_pipeline = base.pipeline
-        if base_pipeline.unet.config.sample_size != pipeline.unet.config.sample_size:
-            raise UnlearnAtkError(f"{self.name}: the base model's latents differ in size from the unlearned model's")
-        started = time.perf_counter()
+        self.base_pipeline = base.pipeline
+        if self.base_pipeline.unet.config.sample_size != pipeline.unet.config.sample_size:
+            raise UnlearnAtkError(f"{name}: the base model's latents differ in size from the unlearned model's")
+        self.table = pipeline.text_encoder.get_input_embeddings().weight.detach()
+        self.unit_table = torch.nn.functional.normalize(self.table.float(), dim=-1)
+        layout = context.layout
+        self.banned = torch.tensor(sorted({layout.bos_id, layout.eos_id, layout.pad_id}), device=self.device)
+        self.alphas = noise_schedule(pipeline).to(device=self.device, dtype=torch.float32)
+        self.injector = EmbeddingInjector(pipeline.text_encoder, [])  # each row's positions: see _restack
+        if self.config.offload_base:
+            self.swap = _Swap(pipeline.unet, self.base_pipeline.unet, self.device)
+        case_bytes = case_memory_bytes(pipeline.unet.config, pipeline.unet.dtype.itemsize)
+        self._resolve_batch(self.device, CASE_MEMORY_FACTOR * case_bytes)
+
+    def _new_slot(self, job: AttackJob) -> _P4DSlot:
+        import torch
+
+        context, config, name = job.context, self.config, self.attack.name
+        if context.target is None:
+            raise UnlearnAtkError(f"{name} needs target images: give a base model (base=, --unlearn-base)")
+        if context.base is not self.base_source:
+            raise UnlearnAtkError(f"{name}: all cases of one batch must match the same base model")
+        layout = context.layout
+        plain_ids = layout.sequence(job.prompt.content_ids)
+        with self._base_turn():  # the base renders the target (unless it is cached)
+            target = context.target(job.case, plain_ids)
+        text_encoder = self.base_pipeline.text_encoder
+        with torch.no_grad():  # alone, so that it does not depend on the batch
+            base_hidden = text_encoder(torch.tensor([plain_ids], device=text_encoder.device))[0]
+        content, free = self.attack.layout_of(list(job.prompt.content_ids), layout.pad_id)
+        generator = torch.Generator(device="cpu").manual_seed(config.seed * 1_000_003 + job.case.seed)
+        start_ids = torch.randint(0, layout.vocab_size, (len(free),), generator=generator)
+        soft = self.table[start_ids.to(self.device)].float().clone().requires_grad_(True)
+        return _P4DSlot(job=job, content=content, free=free, ids=layout.sequence(content),
+                        target_latent=encode_target(self.pipeline, target), base_hidden=base_hidden,
+                        generator=generator, soft=soft,
+                        optimizer=torch.optim.AdamW([soft], lr=config.lr, weight_decay=config.weight_decay))
+
+    def _joined(self, added: int) -> None:
+        self._restack()
+
+    def _left(self, keep: list[int]) -> None:
+        self._restack()
+
+    def _restack(self) -> None:
+        """The text encoder's ids and each row's free-token positions, at the batch's full shape."""
+        import torch
+
+        if not self.slots:
+            return
+        rows = self.padded(self.slots)
+        self.ids = torch.tensor([slot.ids for slot in rows], device=self.device)
+        self.injector.positions = [[1 + index for index in slot.free] for slot in rows]  # after BOS
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def _enter(self, stack: contextlib.ExitStack) -> None:
+        stack.enter_context(self.injector.active())
+
+    def _block_ended(self, slot: _P4DSlot) -> bool:
+        return slot.step_in_block == slot.block_length
+
+    def _nearest(self, slot: _P4DSlot) -> Any:
+        """The vocabulary tokens nearest (cosine) to the case's soft embeddings, computed alone."""
+        import torch
+
         with torch.no_grad():
-            base_hidden = base_pipeline.text_encoder(torch.tensor([plain_ids], device=base_pipeline.device))[0]
-        content, slots = self.layout_of(list(prompt.content_ids), layout.pad_id)
-        ids = torch.tensor([layout.sequence(content)], device=device)
-        table = pipeline.text_encoder.get_input_embeddings().weight.detach()
-        unit_table = torch.nn.functional.normalize(table.float(), dim=-1)
-        banned = torch.tensor(sorted({layout.bos_id, layout.eos_id, layout.pad_id}), device=device)
-        generator = torch.Generator(device="cpu").manual_seed(config.seed * 1_000_003 + case.seed)
-        start_ids = torch.randint(0, layout.vocab_size, (len(slots),), generator=generator)
-        soft = table[start_ids.to(device)].float().clone().requires_grad_(True)
-        optimizer = torch.optim.AdamW([soft], lr=config.lr, weight_decay=config.weight_decay)
-        alphas = noise_schedule(pipeline).to(device=device, dtype=torch.float32)
-        injector = EmbeddingInjector(pipeline.text_encoder, [1 + slot for slot in slots])
+            scores = torch.nn.functional.normalize(slot.soft.detach(), dim=-1) @ self.unit_table.T
+            scores[:, self.banned] = -torch.inf
+            return scores.argmax(dim=-1)
 
-        def nearest() -> Any:
-            with torch.no_grad():
-                scores = torch.nn.functional.normalize(soft.detach(), dim=-1) @ unit_table.T
-                scores[:, banned] = -torch.inf
-                return scores.argmax(dim=-1)
+    def _start_blocks(self, starting: list[_P4DSlot]) -> None:
+        """Draw the block's timesteps and noise of each starting case (from its own generator) and
+        have the base UNet predict its noise on them: all the starting cases' steps together, in
+        batches of exactly ``batch_size`` rows (the last padded with copies of its last row)."""
+        import torch
 
-        outcome, last_checked = AttackOutcome(), None
-        swap = _Swap(pipeline.unet, base_pipeline.unet, device) if config.offload_base else None
-        try:
-            with injector.active():
-                done = 0
-                while done < config.iterations:
-                    block = min(config.eval_step, config.iterations - done)
-                    timesteps = torch.randint(0, len(alphas), (block,), generator=generator)
-                    noises = torch.randn((block, *target_latent.shape[1:]), generator=generator)
-                    noisy, wanted = [], []
-                    with swap.base_turn() if swap else contextlib.nullcontext(), torch.no_grad():
-                        for t, noise in zip(timesteps.tolist(), noises):
-                            a = alphas[t]
-                            latent = a.sqrt() * target_latent + (1 - a).sqrt() * noise.to(device).unsqueeze(0)
-                            noisy.append(latent)
-                            base_device = next(base_pipeline.unet.parameters()).device  # where it is now
-                            wanted.append(base_pipeline.unet(
-                                latent.to(base_device, base_pipeline.unet.dtype), torch.tensor([t], device=base_device),
-                                encoder_hidden_states=base_hidden.to(base_device)).sample.float().to(device))
-                    for t, latent, goal in zip(timesteps.tolist(), noisy, wanted):
-                        projected = table[nearest()].float().requires_grad_(True)
-                        injector.embeddings = projected
-                        hidden = pipeline.text_encoder(ids)[0]
-                        injector.embeddings = None
-                        prediction = pipeline.unet(latent.to(pipeline.unet.dtype), torch.tensor([t], device=device),
-                                                   encoder_hidden_states=hidden).sample.float()
-                        loss = torch.nn.functional.mse_loss(prediction, goal)
-                        (soft.grad,) = torch.autograd.grad(loss, [projected])
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        outcome.loss_trace.append(loss.item())
-                        done += 1
-                        outcome.steps = done
-                        if on_step is not None:
-                            on_step([(case, done, config.iterations)])
-                    outcome.optimize_seconds += time.perf_counter() - started
-                    candidate = nearest().tolist()
-                    if candidate == last_checked:
-                        outcome.checks.append(CandidateCheck(done, 0, candidate, rendered=False, hit=False,
-                                                             score=outcome.checks[-1].score))
-                    else:
-                        last_checked = candidate
-                        full = list(content)
-                        for slot, token in zip(slots, candidate):
-                            full[slot] = token
-                        verdict, image = context.check(layout.sequence(full))
-                        outcome.checks.append(CandidateCheck(done, 0, candidate, rendered=True, hit=verdict.hit,
-                                                             score=verdict.score))
-                        outcome.adversarial_ids, outcome.content_ids = candidate, full
-                        outcome.verdict, outcome.image = verdict, image
-                        if verdict.hit:
-                            outcome.hit, outcome.hit_step = True, done
-                            return outcome
-                    started = time.perf_counter()
-        finally:
-            if swap:
-                swap.restore()
-        return outcome
+        config, device = self.config, self.device
+        for slot in starting:
+            length = min(config.eval_step, config.iterations - slot.outcome.steps)
+            timesteps = torch.randint(0, len(self.alphas), (length,), generator=slot.generator)
+            noises = torch.randn((length, *slot.target_latent.shape[1:]), generator=slot.generator).to(device)
+            a = self.alphas[timesteps.to(device)].view(-1, 1, 1, 1)
+            slot.noisy = a.sqrt() * slot.target_latent + (1 - a).sqrt() * noises
+            slot.timesteps, slot.block_length = timesteps.tolist(), length
+            slot.wanted = torch.empty_like(slot.noisy)
+        # step by step, every starting case's step j in one batch when they fit
+        rows = [(slot, j) for j in range(config.eval_step) for slot in starting if j < slot.block_length]
+        unet = self.base_pipeline.unet
+        with self._base_turn(), torch.no_grad():
+            base_device = next(unet.parameters()).device  # where it is now
+            for first in range(0, len(rows), self.batch_size):
+                chunk = rows[first:first + self.batch_size]
+                padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
+                predicted = unet(
+                    torch.cat([slot.noisy[j:j + 1] for slot, j in padded]).to(base_device, unet.dtype),
+                    torch.tensor([slot.timesteps[j] for slot, j in padded], device=base_device),
+                    encoder_hidden_states=torch.cat([slot.base_hidden for slot, _ in padded]).to(base_device),
+                ).sample.float().to(device)
+                for (slot, j), prediction in zip(chunk, predicted):
+                    slot.wanted[j] = prediction
+
+    def _step(self) -> None:
+        """One AdamW step on every case's soft embeddings, through their nearest tokens."""
+        import torch
+
+        slots = self.slots
+        starting = [slot for slot in slots if slot.step_in_block == 0]
+        if starting:
+            self._start_blocks(starting)
+        rows = self.padded(slots)
+        # the nearest tokens' embeddings: the gradient on them updates the soft embeddings
+        projected = self.table[torch.cat([self._nearest(slot) for slot in slots])].float().requires_grad_(True)
+        embeddings = projected  # plus the free places' rows (a copy of the first case's), outside the gradient
+        if len(rows) > len(slots):
+            first = projected[: len(slots[0].free)].detach()
+            embeddings = torch.cat([projected, *[first] * (len(rows) - len(slots))])
+        self.injector.embeddings = embeddings
+        hidden = self.pipeline.text_encoder(self.ids)[0]
+        self.injector.embeddings = None
+        at = [slot.step_in_block for slot in rows]
+        noisy = torch.cat([slot.noisy[j:j + 1] for slot, j in zip(rows, at)]).to(self.pipeline.unet.dtype)
+        timesteps = torch.tensor([slot.timesteps[j] for slot, j in zip(rows, at)], device=self.device)
+        wanted = torch.cat([slot.wanted[j:j + 1] for slot, j in zip(rows, at)])
+        prediction = self.pipeline.unet(noisy, timesteps, encoder_hidden_states=hidden).sample.float()
+        losses = (prediction - wanted).pow(2).mean(dim=(1, 2, 3))[: len(slots)]  # one MSE per case
+        (grad,) = torch.autograd.grad(losses.sum(), [projected])  # the sum keeps each case's gradient its own
+        for slot, slot_grad, loss in zip(slots, grad.split([len(slot.free) for slot in slots]), losses.detach()):
+            slot.soft.grad = slot_grad
+            slot.optimizer.step()
+            slot.optimizer.zero_grad(set_to_none=True)
+            slot.block_losses.append(loss)
+
+    def _end_blocks(self, ended: list[int]) -> list[int]:
+        """Check the nearest tokens of the cases whose block just ended; return the finished ones."""
+        requests, waiting = [], []
+        for i in ended:
+            slot = self.slots[i]
+            outcome = slot.outcome
+            outcome.loss_trace.extend(finite_losses(slot.block_losses, self.attack.name, slot.job.case, outcome.steps,
+                                                    "loss (the distance to the base model's prediction)"))
+            slot.block_losses, slot.step_in_block, slot.noisy, slot.wanted = [], 0, None, None
+            candidate = self._nearest(slot).tolist()
+            if candidate == slot.last_checked:  # same tokens, same image: it was a miss already
+                outcome.checks.append(CandidateCheck(outcome.steps, 0, candidate, rendered=False, hit=False,
+                                                     score=outcome.checks[-1].score))
+                continue
+            slot.last_checked = candidate
+            full = list(slot.content)
+            for index, token in zip(slot.free, candidate):
+                full[index] = token
+            requests.append((slot.job.context.check, slot.job.context.layout.sequence(full)))
+            waiting.append((i, candidate, full))
+        for (i, candidate, full), (verdict, image) in zip(waiting, Checker.check_many(requests, rows=self.batch_size)):
+            outcome = self.slots[i].outcome
+            outcome.checks.append(CandidateCheck(outcome.steps, 0, candidate, rendered=True, hit=verdict.hit,
+                                                 score=verdict.score))
+            outcome.adversarial_ids, outcome.content_ids = candidate, full
+            outcome.verdict, outcome.image = verdict, image
+            if verdict.hit:
+                outcome.hit, outcome.hit_step = True, outcome.steps
+        return [i for i in ended if self.slots[i].outcome.hit or self.slots[i].outcome.steps == self.config.iterations]
 
 
 class _Swap:

@@ -20,7 +20,8 @@ from ..checks import whole
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
 from .base import AttackContext, AttackJob, AttackOutcome, StepCallback
-from .unlearndiffatk import MAX_ADVERSARIAL_TOKENS, resolve_batch_size
+from .batching import resolve_batch_size
+from .unlearndiffatk import MAX_ADVERSARIAL_TOKENS
 
 
 @dataclass(frozen=True)

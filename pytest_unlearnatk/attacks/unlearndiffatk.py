@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..cases import Case
 from ..errors import UnlearnAtkError
-from ..render import NonFiniteError, noise_schedule
+from ..render import noise_schedule
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
 from .base import AttackContext, AttackJob, AttackOutcome, Checker, StepCallback
+from .batching import AUTO_BATCH_MAX as AUTO_BATCH_MAX  # these lived here: still importable from here
+from .batching import FixedShapeBatch, case_memory_bytes, finite_losses
+from .batching import resolve_batch_size as resolve_batch_size
 
 # CLIP reads 77 tokens, two of them BOS and EOS: at most 75 adversarial ones (fewer with the prompt)
 MAX_ADVERSARIAL_TOKENS = 75
@@ -181,11 +182,14 @@ class EmbeddingInjector:
 
     The hook on ``get_input_embeddings()`` works on every transformers version; passing embeddings
     through ``forward`` arguments does not (transformers 5's CLIPTextModel takes only ids).
-    ``embeddings`` is ``(n_positions, width)`` for every sequence of the batch, or
-    ``(batch, n_positions, width)``, one row per sequence.
+    ``positions`` is one list of positions for every sequence of the batch: ``embeddings`` is then
+    ``(n_positions, width)`` for every sequence, or ``(batch, n_positions, width)``, one row per
+    sequence. Or it is one list per sequence (their places and numbers may differ, as P4D-k's free
+    tokens between prompts of different lengths): ``embeddings`` is then ``(total, width)``, the
+    first sequence's positions' rows, then the second's, and so on.
     """
 
-    def __init__(self, text_encoder: Any, positions: list[int]) -> None:
+    def __init__(self, text_encoder: Any, positions: list[int] | list[list[int]]) -> None:
         self.module = text_encoder.get_input_embeddings()
         self.positions = positions
         self.embeddings: Any = None  # None = leave the embeddings alone
@@ -195,6 +199,10 @@ class EmbeddingInjector:
             return output
         output = output.clone()
         embeddings = self.embeddings.to(output.dtype)
+        if self.positions and isinstance(self.positions[0], (list, tuple)):  # each sequence its own positions
+            rows = [row for row, positions in enumerate(self.positions) for _ in positions]
+            output[rows, [position for positions in self.positions for position in positions]] = embeddings
+            return output
         if embeddings.dim() == 2:
             embeddings = embeddings.unsqueeze(0).expand(output.shape[0], -1, -1)
         output[:, self.positions] = embeddings
@@ -302,69 +310,14 @@ class UnlearnDiffAtk:
         yield from _BatchedOptimization(self.config, iter(jobs), batch_size, on_step, compile_unet, case_count).run()
 
 
-AUTO_BATCH_MAX = {"cpu": 8, "gpu": 16}  # beyond these, batching gains little (docs/performance.md)
-BYTES_PER_ACTIVATION_UNIT = 760  # float32, measured on the CPU: see case_memory_bytes
-GPU_MEMORY_MARGIN = 4  # unmeasured on a GPU: leave room for kernels' workspaces and fragmentation
-
-
-def case_memory_bytes(unet_config: Any, dtype_bytes: int = 4) -> int:
-    """Estimated memory one more case adds to a batch: the activations its backward pass keeps.
-
-    They scale with the UNet's top level: latent area x the first block's channels x (layers per
-    block + 1). ``BYTES_PER_ACTIVATION_UNIT`` per such unit in float32 is what the medium
-    SD-shaped pipeline measured on the CPU (benchmarks/memory.py: 0.35 GiB per case at 256 px);
-    the toy model measured twice its estimate (11 MB, not 6). SD v1.4 at 512 px comes out at
-    2.8 GiB per case in float32, 1.4 GiB in float16.
-    """
-    def first(value: Any) -> int:
-        return int(value[0] if isinstance(value, (list, tuple)) else value)
-
-    size = unet_config["sample_size"]
-    height, width = (size, size) if isinstance(size, int) else size
-    units = height * width * first(unet_config["block_out_channels"]) * (first(unet_config["layers_per_block"]) + 1)
-    return int(units * BYTES_PER_ACTIVATION_UNIT * dtype_bytes / 4)
-
-
-def resolve_batch_size(batch_size: int | str | None, device: str, case_bytes: int | None = None) -> int:
-    """``batch_size`` as a number. ``None``/``"auto"``: as many cases as free memory holds at
-    ``case_bytes`` each (``case_memory_bytes``), at most ``AUTO_BATCH_MAX`` (the CPU: half the
-    available RAM; a GPU: its free memory, with a 4x margin: about 6 GiB per case for SD v1.4 in
-    float16); at least 1. Without ``case_bytes`` the automatic size is the maximum."""
-    from ..options import parse_batch
-
-    try:
-        batch_size = parse_batch(batch_size)
-    except ValueError as error:
-        raise UnlearnAtkError(f"batch size {batch_size!r}: {error}") from None
-    if batch_size is None:
-        if device.startswith("cuda"):
-            import torch
-
-            free, _ = torch.cuda.mem_get_info(torch.device(device))
-            most, room, per_case = AUTO_BATCH_MAX["gpu"], free, GPU_MEMORY_MARGIN * (case_bytes or 0)
-        else:
-            import psutil
-
-            most, room, per_case = AUTO_BATCH_MAX["cpu"], psutil.virtual_memory().available / 2, case_bytes or 0
-        return max(1, min(most, int(room / per_case))) if per_case else most
-    return batch_size
-
-
-class _BatchedOptimization:
+class _BatchedOptimization(FixedShapeBatch):
     """The optimization loop of UnlearnDiffAtk over a changing batch of cases (see ``run_many``)."""
 
     def __init__(self, config: UnlearnDiffAtkConfig, jobs: Iterator[AttackJob], batch_size: int | str | None,
                  on_step: StepCallback | None, compile_unet: bool = False, case_count: int | None = None) -> None:
-        self.config, self.jobs, self.on_step, self.compile_unet = config, jobs, on_step, compile_unet
-        self.requested_batch, self.case_count = batch_size, case_count
-        # an explicit size is checked at once; "auto" is decided once the model's device is known
-        self.batch_size = None if batch_size in (None, "auto") else self._capped(resolve_batch_size(batch_size, "cpu"))
-        self.slots: list[_Slot] = []
-        self.pipeline: Any = None
-
-    def _capped(self, size: int) -> int:
-        """No more places than the gate has cases (the shape must not depend on how many remain)."""
-        return max(1, min(size, self.case_count)) if self.case_count else size
+        super().__init__(jobs, batch_size, on_step, case_count)
+        self.config, self.compile_unet = config, compile_unet
+        self.max_steps = config.max_steps
 
     # --- the batch: slots and their stacked state -----------------------------------------
 
@@ -377,8 +330,7 @@ class _BatchedOptimization:
         self.device = pipeline.device
         self.unet = torch.compile(pipeline.unet) if self.compile_unet else pipeline.unet  # same weights
         self.unet_dtype = pipeline.unet.dtype  # diffusers walks the model to answer this (0.3-1 ms)
-        case_bytes = case_memory_bytes(pipeline.unet.config, self.unet_dtype.itemsize)
-        self.batch_size = self._capped(resolve_batch_size(self.requested_batch, str(self.device), case_bytes))
+        self._resolve_batch(self.device, case_memory_bytes(pipeline.unet.config, self.unet_dtype.itemsize))
         self.table = pipeline.text_encoder.get_input_embeddings().weight  # (vocab, width)
         # on a GPU with half-precision weights, the model runs under autocast; the adversarial
         # variables (probabilities, Adam state, loss) stay float32 throughout
@@ -402,10 +354,6 @@ class _BatchedOptimization:
             raise UnlearnAtkError(
                 "UnlearnDiffAtk needs target images: give a base model (base=, --unlearn-base) or a target directory"
             )
-        if self.pipeline is None:
-            self._setup(context)
-        elif context.model.pipeline is not self.pipeline:
-            raise UnlearnAtkError("all cases of one batch must attack the same model")
         layout, k = context.layout, self.config.n_tokens
         plain_ids = layout.sequence(job.prompt.content_ids)
         return _Slot(
@@ -417,31 +365,21 @@ class _BatchedOptimization:
             adam_step=torch.zeros((), device=self.device, dtype=torch.float32),
         )
 
-    def _fill(self) -> None:
-        """Take jobs until the batch is full or the jobs run out; new cases start uniform."""
+    def _joined(self, added: int) -> None:
+        """New cases start uniform."""
         import torch
 
-        added = 0
-        while self.batch_size is None or len(self.slots) < self.batch_size:  # None until the first job
-            job = next(self.jobs, None)
-            if job is None:
-                break
-            self.slots.append(self._new_slot(job))
-            added += 1
-        if added:
-            k = self.config.n_tokens
-            uniform = torch.full((added, k, self.vocab), 1.0 / self.vocab, device=self.device, dtype=torch.float32)
-            zeros = torch.zeros_like(uniform)
-            self.probabilities = torch.cat([self.probabilities.detach(), uniform])
-            self.exp_avg = torch.cat([self.exp_avg, zeros])
-            self.exp_avg_sq = torch.cat([self.exp_avg_sq, zeros])
-            no_guess = torch.full((added, k, 1), -1.0, device=self.device)  # below every row: a plain start
-            self.thresholds = torch.cat([self.thresholds, no_guess])
-            self._restack()
+        k = self.config.n_tokens
+        uniform = torch.full((added, k, self.vocab), 1.0 / self.vocab, device=self.device, dtype=torch.float32)
+        zeros = torch.zeros_like(uniform)
+        self.probabilities = torch.cat([self.probabilities.detach(), uniform])
+        self.exp_avg = torch.cat([self.exp_avg, zeros])
+        self.exp_avg_sq = torch.cat([self.exp_avg_sq, zeros])
+        no_guess = torch.full((added, k, 1), -1.0, device=self.device)  # below every row: a plain start
+        self.thresholds = torch.cat([self.thresholds, no_guess])
+        self._restack()
 
-    def _remove(self, finished: list[int]) -> None:
-        keep = [i for i in range(len(self.slots)) if i not in set(finished)]
-        self.slots = [self.slots[i] for i in keep]
+    def _left(self, keep: list[int]) -> None:
         self.probabilities = self.probabilities.detach()[keep]
         self.exp_avg, self.exp_avg_sq = self.exp_avg[keep], self.exp_avg_sq[keep]
         self.thresholds = self.thresholds[keep]
@@ -460,43 +398,24 @@ class _BatchedOptimization:
         # whose outputs are dropped. Kernels pick their summation order by shape, so a fixed shape
         # makes each case's numbers independent of how many and which cases share its batch (and
         # so of where an interrupted run was resumed); tests/test_attack.py checks it bit for bit.
-        padding = [self.slots[0]] * (self.batch_size - len(self.slots))
-        rows = self.slots + padding
+        rows = self.padded(self.slots)
         self.ids = torch.tensor([slot.ids for slot in rows], device=self.device)
         self.target_latents = torch.cat([slot.target_latent for slot in rows])
         self.timestep_batch = torch.tensor([slot.timestep for slot in rows], device=self.device)
         alphas = self.alphas_cumprod[self.timestep_batch].view(-1, 1, 1, 1)
         self.signal, self.noise_scale = alphas.sqrt(), (1 - alphas).sqrt()
-        self.padding = len(padding)
+        self.padding = len(rows) - len(self.slots)
 
     # --- the loop -------------------------------------------------------------------------
 
-    def run(self) -> Iterator[tuple[AttackJob, AttackOutcome]]:
-        with contextlib.ExitStack() as stack:
-            self._fill()
-            if self.slots:
-                stack.enter_context(self.injector.active())
-            while self.slots:
-                started = time.perf_counter()
-                self._step()
-                elapsed = time.perf_counter() - started
-                for slot in self.slots:
-                    slot.outcome.optimize_seconds += elapsed / len(self.slots)
-                    slot.step_in_block += 1
-                    slot.outcome.steps += 1
-                if self.on_step is not None:
-                    self.on_step([(s.job.case, s.outcome.steps, self.config.max_steps) for s in self.slots])
-                ended = [i for i, slot in enumerate(self.slots) if slot.step_in_block == self.config.steps_per_timestep]
-                if not ended:
-                    continue
-                finished = self._end_blocks(ended)
-                for i in finished:
-                    yield self.slots[i].job, self.slots[i].outcome
-                if finished:
-                    self._remove(finished)
-                    self._fill()
-                else:
-                    self._restack()  # the slots that ended a block move to their next timestep
+    def _enter(self, stack: contextlib.ExitStack) -> None:
+        stack.enter_context(self.injector.active())
+
+    def _block_ended(self, slot: _Slot) -> bool:
+        return slot.step_in_block == self.config.steps_per_timestep
+
+    def _next_blocks(self) -> None:
+        self._restack()  # the slots that ended a block move to their next timestep
 
     def _step(self) -> None:
         """One Adam step on every case's token probabilities."""
@@ -543,21 +462,13 @@ class _BatchedOptimization:
 
     def _end_blocks(self, ended: list[int]) -> list[int]:
         """Check the argmax tokens of the cases whose block just ended; return the finished ones."""
-        import torch
-
         candidates = self.probabilities.detach()[ended].argmax(dim=-1).tolist()
         requests, waiting = [], []
         for i, candidate in zip(ended, candidates):
             slot = self.slots[i]
             outcome = slot.outcome
-            losses = torch.stack(slot.block_losses).tolist()
-            bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
-            if bad:
-                raise NonFiniteError(
-                    f"UnlearnDiffAtk on case {slot.job.case.case_id}: the denoising loss is {losses[bad[0]]} at step "
-                    f"{outcome.steps - len(losses) + bad[0] + 1} (t={slot.timestep}): the model's weights or dtype are "
-                    "broken (in float16, try float32); no verdict can be given"
-                )
+            losses = finite_losses(slot.block_losses, "UnlearnDiffAtk", slot.job.case, outcome.steps,
+                                   "denoising loss", f" (t={slot.timestep})")
             outcome.loss_trace.extend(losses)
             slot.block_losses, slot.step_in_block = [], 0
             if candidate == slot.last_checked:  # same tokens, same image: it was a miss already

@@ -1,0 +1,207 @@
+"""Cases optimized together in a batch of fixed shape: the bookkeeping UnlearnDiffAtk and P4D share.
+
+A batch holds up to ``batch_size`` cases (its places). Every step the attack runs its models once
+for all of them, at the batch's full shape: free places (only at a gate's end) are padded with
+copies of the first case, whose outputs are dropped. Kernels pick their summation order by shape,
+so a fixed shape makes each case's numbers independent of which cases share its batch, and so of
+where an interrupted run was resumed (docs/performance.md, "What a case's result depends on").
+A case's success checks are rendered with those of the other cases whose block ended at the same
+step, in batches of exactly ``batch_size`` images (``Checker.check_many``). Jobs are read lazily: a
+finished case's place goes to the next job at once.
+
+:class:`FixedShapeBatch` is the loop; an attack subclasses it with its own slots and step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ..cases import Case
+from ..errors import UnlearnAtkError
+from ..render import NonFiniteError
+from .base import AttackContext, AttackJob, AttackOutcome, StepCallback
+
+AUTO_BATCH_MAX = {"cpu": 8, "gpu": 16}  # beyond these, batching gains little (docs/performance.md)
+BYTES_PER_ACTIVATION_UNIT = 760  # float32, measured on the CPU: see case_memory_bytes
+GPU_MEMORY_MARGIN = 4  # unmeasured on a GPU: leave room for kernels' workspaces and fragmentation
+
+
+def case_memory_bytes(unet_config: Any, dtype_bytes: int = 4) -> int:
+    """Estimated memory one more case adds to a batch: the activations its backward pass keeps.
+
+    They scale with the UNet's top level: latent area x the first block's channels x (layers per
+    block + 1). ``BYTES_PER_ACTIVATION_UNIT`` per such unit in float32 is what the medium
+    SD-shaped pipeline measured on the CPU (benchmarks/memory.py: 0.35 GiB per case at 256 px);
+    the toy model measured twice its estimate (11 MB, not 6). SD v1.4 at 512 px comes out at
+    2.8 GiB per case in float32, 1.4 GiB in float16.
+    """
+    def first(value: Any) -> int:
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+    size = unet_config["sample_size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    units = height * width * first(unet_config["block_out_channels"]) * (first(unet_config["layers_per_block"]) + 1)
+    return int(units * BYTES_PER_ACTIVATION_UNIT * dtype_bytes / 4)
+
+
+def resolve_batch_size(batch_size: int | str | None, device: str, case_bytes: int | None = None) -> int:
+    """``batch_size`` as a number. ``None``/``"auto"``: as many cases as free memory holds at
+    ``case_bytes`` each (``case_memory_bytes``), at most ``AUTO_BATCH_MAX`` (the CPU: half the
+    available RAM; a GPU: its free memory, with a 4x margin: about 6 GiB per case for SD v1.4 in
+    float16); at least 1. Without ``case_bytes`` the automatic size is the maximum."""
+    from ..options import parse_batch
+
+    try:
+        batch_size = parse_batch(batch_size)
+    except ValueError as error:
+        raise UnlearnAtkError(f"batch size {batch_size!r}: {error}") from None
+    if batch_size is None:
+        if device.startswith("cuda"):
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            most, room, per_case = AUTO_BATCH_MAX["gpu"], free, GPU_MEMORY_MARGIN * (case_bytes or 0)
+        else:
+            import psutil
+
+            most, room, per_case = AUTO_BATCH_MAX["cpu"], psutil.virtual_memory().available / 2, case_bytes or 0
+        return max(1, min(most, int(room / per_case))) if per_case else most
+    return batch_size
+
+
+def finite_losses(losses: list[Any], attack: str, case: Case, last_step: int, loss_name: str = "loss",
+                  where: str = "") -> list[float]:
+    """A block's per-step losses (0-d tensors, the last at step ``last_step``) as floats; a NaN or
+    infinite one raises :class:`NonFiniteError` naming the case and the step: no verdict can be
+    given on a broken model. One host transfer per block, not per step."""
+    import torch
+
+    values = torch.stack(losses).tolist()
+    bad = [i for i, loss in enumerate(values) if not math.isfinite(loss)]
+    if bad:
+        raise NonFiniteError(
+            f"{attack} on case {case.case_id}: the {loss_name} is {values[bad[0]]} at step "
+            f"{last_step - len(values) + bad[0] + 1}{where}: the model's weights or dtype are "
+            "broken (in float16, try float32); no verdict can be given"
+        )
+    return values
+
+
+class FixedShapeBatch:
+    """The loop over a changing batch of cases (see the module's docstring).
+
+    A subclass gives: ``max_steps``; ``_setup(context)`` (called on the first job: the model, and
+    ``self.batch_size`` where it was "auto", see :meth:`_resolve_batch`); ``_new_slot(job)`` (an
+    object with ``job``, ``outcome`` and ``step_in_block``); ``_step()`` (one step of every case);
+    ``_block_ended(slot)``; ``_end_blocks(ended)`` (check those cases, return the finished ones,
+    reset the others' ``step_in_block``). Optional hooks: ``_joined(added)`` and ``_left(keep)``
+    (the batch changed: restack per-batch state), ``_next_blocks()`` (cases ended a block and none
+    finished), ``_enter(stack)`` (contexts held while the batch runs).
+    """
+
+    max_steps: int
+
+    def __init__(self, jobs: Iterator[AttackJob], batch_size: int | str | None, on_step: StepCallback | None,
+                 case_count: int | None = None) -> None:
+        self.jobs, self.on_step = jobs, on_step
+        self.requested_batch, self.case_count = batch_size, case_count
+        # an explicit size is checked at once; "auto" is decided once the model's device is known
+        self.batch_size = None if batch_size in (None, "auto") else self._capped(resolve_batch_size(batch_size, "cpu"))
+        self.slots: list[Any] = []
+        self.pipeline: Any = None
+
+    def _capped(self, size: int) -> int:
+        """No more places than the gate has cases (the shape must not depend on how many remain)."""
+        return max(1, min(size, self.case_count)) if self.case_count else size
+
+    def _resolve_batch(self, device: Any, case_bytes: int) -> None:
+        self.batch_size = self._capped(resolve_batch_size(self.requested_batch, str(device), case_bytes))
+
+    def padded(self, rows: list[Any]) -> list[Any]:
+        """``rows`` (one per case in the batch) with the free places filled by copies of the first."""
+        return rows + [rows[0]] * (self.batch_size - len(rows))
+
+    # --- the batch's cases ------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        """Take jobs until the batch is full or the jobs run out."""
+        added = 0
+        while self.batch_size is None or len(self.slots) < self.batch_size:  # None until the first job
+            job = next(self.jobs, None)
+            if job is None:
+                break
+            if self.pipeline is None:
+                self._setup(job.context)
+            elif job.context.model.pipeline is not self.pipeline:
+                raise UnlearnAtkError("all cases of one batch must attack the same model")
+            self.slots.append(self._new_slot(job))
+            added += 1
+        if added:
+            self._joined(added)
+
+    def _remove(self, finished: list[int]) -> None:
+        keep = [i for i in range(len(self.slots)) if i not in set(finished)]
+        self.slots = [self.slots[i] for i in keep]
+        self._left(keep)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+        with contextlib.ExitStack() as stack:
+            self._fill()
+            if self.slots:
+                self._enter(stack)
+            while self.slots:
+                started = time.perf_counter()
+                self._step()
+                elapsed = time.perf_counter() - started
+                for slot in self.slots:
+                    slot.outcome.optimize_seconds += elapsed / len(self.slots)
+                    slot.step_in_block += 1
+                    slot.outcome.steps += 1
+                if self.on_step is not None:
+                    self.on_step([(s.job.case, s.outcome.steps, self.max_steps) for s in self.slots])
+                ended = [i for i, slot in enumerate(self.slots) if self._block_ended(slot)]
+                if not ended:
+                    continue
+                finished = self._end_blocks(ended)
+                for i in finished:
+                    yield self.slots[i].job, self.slots[i].outcome
+                if finished:
+                    self._remove(finished)
+                    self._fill()
+                else:
+                    self._next_blocks()
+
+    # --- what an attack gives -----------------------------------------------------------------
+
+    def _setup(self, context: AttackContext) -> None:
+        raise NotImplementedError
+
+    def _new_slot(self, job: AttackJob) -> Any:
+        raise NotImplementedError
+
+    def _step(self) -> None:
+        raise NotImplementedError
+
+    def _block_ended(self, slot: Any) -> bool:
+        raise NotImplementedError
+
+    def _end_blocks(self, ended: list[int]) -> list[int]:
+        raise NotImplementedError
+
+    def _joined(self, added: int) -> None:
+        """The last ``added`` slots just joined."""
+
+    def _left(self, keep: list[int]) -> None:
+        """Only the slots that were at indices ``keep`` remain."""
+
+    def _next_blocks(self) -> None:
+        """Some cases ended a block and went on to their next one; none finished."""
+
+    def _enter(self, stack: contextlib.ExitStack) -> None:
+        """Enter the contexts the batch needs while it runs (left when the loop ends or is closed)."""
