@@ -151,7 +151,7 @@ def test_marker_yaml_and_listing(pytester, tiny_dir, other_tiny_dir):
 def test_concept_inversion_keeps_its_embedding_content_addressed_and_replays_it(tiny_model, base_model, tmp_path):
     import hashlib
 
-    from pytest_unlearnatk.attacks.concept_inversion import load_embedding
+    from pytest_unlearnatk.attacks.concept_inversion import embedding_bytes, load_embedding
 
     store = Store(tmp_path / "store")
     found = gate(tiny_model, base_model, "concept-inversion", cases=CASES[:1], judge=DiffersFromPlain(), store=store)
@@ -162,6 +162,9 @@ def test_concept_inversion_keeps_its_embedding_content_addressed_and_replays_it(
     assert hashlib.sha256(path.read_bytes()).hexdigest() + ".safetensors" == case.embedding
     embedding, positions = load_embedding(path.read_bytes())
     assert positions == [1] and embedding.shape == (1, 32)
+    # the same embedding always makes the same file, hence the same name (safetensors' own writer
+    # puts the metadata's keys in a random order)
+    assert {embedding_bytes(embedding, positions) for _ in range(20)} == {path.read_bytes()}
     again = gate(tiny_model, base_model, "concept-inversion", cases=CASES[:1], judge=DiffersFromPlain(), store=store)
     assert again.reused == 1 and again.cases[0].embedding == case.embedding  # same seed, same file
     # replayed: the stored embedding is injected again; without it the placeholder ids render the plain

@@ -163,13 +163,21 @@ class ConceptInversion(CaseByCase):
 
 
 def embedding_bytes(embedding: Any, positions: list[int]) -> bytes:
-    """The safetensors file of an injected embedding (float32, CPU) and the positions it takes."""
+    """The safetensors file of an injected embedding (float32, CPU) and the positions it takes.
+
+    Written here, not by safetensors' ``save``: that writes the metadata's keys in a random order
+    (a Rust hash map), so the same embedding gave one of two files, and two names in the store.
+    Here the same embedding and positions always give the same bytes."""
     import json
+    import struct
 
-    from safetensors.torch import save
-
-    return save({"embedding": embedding.detach().float().cpu().contiguous()},
-                metadata={"positions": json.dumps(list(positions)), "kind": "pytest-unlearnatk injected embedding"})
+    tensor = embedding.detach().float().cpu().contiguous()
+    data = tensor.numpy().astype("<f4").tobytes()
+    header = {"__metadata__": {"kind": "pytest-unlearnatk injected embedding", "positions": json.dumps(list(positions))},
+              "embedding": {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [0, len(data)]}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text + data
 
 
 def load_embedding(data: bytes) -> tuple[Any, list[int]]:
