@@ -245,27 +245,39 @@ def test_progress_reports_each_attacks_steps(tiny_model, base_model, attack):
 # prompts of different lengths: P4D-k's free tokens sit at other places (and are more or fewer) in each
 COMPANY = ["a church", "a photo of a church in a field", "a red circle on a white background at noon",
            "a small house", "an old stone church under a grey winter sky with snow on its roof"]
-COMPANY_SETTINGS = {"iterations": 8, "eval_step": 2}  # 4 checks per case
+COMPANY_STEPS = 8  # 4 checks per case
+COMPANY_SETTINGS = {"iterations": COMPANY_STEPS, "eval_step": 2}
+SETTINGS_OF = {"p4d-n": COMPANY_SETTINGS, "p4d-k": COMPANY_SETTINGS,
+               "concept-inversion": {"steps": COMPANY_STEPS, "check_every": 2}}
+BATCHED = list(SETTINGS_OF)
 
 
 def _varied(result, attack) -> bool:
     """A hit before the budget's end (its place refilled while others run on) and a full budget."""
     attacked = [c for c in result.cases if not c.pre_attack_hit]
-    return (any(c.hit_by == attack and c.hit_step < COMPANY_SETTINGS["iterations"] for c in attacked)
-            and any(not c.hit and c.steps == COMPANY_SETTINGS["iterations"] for c in attacked))
+    return (any(c.hit_by == attack and c.hit_step < COMPANY_STEPS for c in attacked)
+            and any(not c.hit and c.steps == COMPANY_STEPS for c in attacked))
 
 
-@pytest.mark.parametrize("attack", ["p4d-n", "p4d-k"])
+def _same_results(first, second):
+    """As UnlearnDiffAtk's batching tests compare, and the learned embedding's file (with a store:
+    named by the SHA-256 of its bytes) for concept inversion."""
+    _same_case_results(first, second)
+    assert [c.embedding for c in first.cases] == [c.embedding for c in second.cases]
+
+
+@pytest.mark.parametrize("attack", BATCHED)
 def test_a_case_gets_exactly_its_result_in_any_company_of_its_batch(tiny_model, base_model, tmp_path, attack):
-    """P4D batches cases like UnlearnDiffAtk, at the batch's full shape: a case run beside four
-    others (batch 3: cases leave and join as they finish) gets bit for bit the tokens, loss trace,
-    checks and verdict it gets alone in the batch (the other four reused from the store, their
-    places padded). The judge hashes the image bytes: a single pixel's rounding would show."""
+    """P4D and concept inversion batch cases like UnlearnDiffAtk, at the batch's full shape: a case
+    run beside four others (batch 3: cases leave and join as they finish) gets bit for bit the
+    tokens (or embedding), loss trace, checks and verdict it gets alone in the batch (the other four
+    reused from the store, their places padded). The judge hashes the image bytes: a single
+    pixel's rounding would show (concept inversion's checks render each row's own embedding)."""
     from pytest_unlearnatk import Store
 
     def run(judge, store_dir):
         return gate(tiny_model, base_model, attack, cases=COMPANY, judge=judge, batch_size=3, store=Store(store_dir),
-                    **COMPANY_SETTINGS)
+                    **SETTINGS_OF[attack])
 
     for salt in range(16):  # which images hit is chance (a hash): take a salt that covers both paths
         judge, store_dir = salted_hash_judge(salt), tmp_path / f"store{salt}"
@@ -278,6 +290,8 @@ def test_a_case_gets_exactly_its_result_in_any_company_of_its_batch(tiny_model, 
     assert len(attacked) >= 3
     if attack == "p4d-k":
         assert len({len(c.adversarial_ids) for c in attacked}) > 1  # rows with their own free positions
+    if attack == "concept-inversion":
+        assert all(c.embedding for c in attacked) and len({c.embedding for c in attacked}) == len(attacked)
     for case in attacked:  # forget this case's result only: it runs again with padding for company
         for path in (store_dir / "results").rglob("*.json"):
             if json.loads(path.read_text())["identity"]["case"]["prompt"] == case.case.prompt:
@@ -285,34 +299,38 @@ def test_a_case_gets_exactly_its_result_in_any_company_of_its_batch(tiny_model, 
         shutil.rmtree(store_dir / "prompts", ignore_errors=True)  # no replays: the attack must find it again
         alone = run(judge, store_dir)
         assert alone.reused == len(COMPANY) - 1
-        _same_case_results(together, alone)
+        _same_results(together, alone)
 
 
-@pytest.mark.parametrize("attack", ["p4d-n", "p4d-k"])
-def test_batched_cases_compute_what_they_compute_one_at_a_time(tiny_dir, other_tiny_dir, attack):
+@pytest.mark.parametrize("attack", BATCHED)
+def test_batched_cases_compute_what_they_compute_one_at_a_time(tiny_dir, other_tiny_dir, tmp_path, attack):
     """Batch 3 against batch 1, in float64 (where another shape's rounding stays below float32's
     resolution, so results must match bit for bit): batching changes which rows share a model
-    call, never what a case computes (its own tokens, timesteps, noise, base predictions)."""
+    call, never what a case computes (its own tokens or embedding, timesteps, noise, base predictions)."""
     import torch
 
-    from pytest_unlearnatk import load_pipeline
+    from pytest_unlearnatk import Store, load_pipeline
 
     model, base = load_pipeline(tiny_dir), load_pipeline(other_tiny_dir)
     model.pipeline.to(torch.float64)
     base.pipeline.to(torch.float64)
+    settings = SETTINGS_OF[attack]
     for salt in range(16):
         judge = salted_hash_judge(salt)
-        one = gate(model, base, attack, cases=COMPANY, judge=judge, batch_size=1, **COMPANY_SETTINGS)
+        one = gate(model, base, attack, cases=COMPANY, judge=judge, batch_size=1, store=Store(tmp_path / f"one{salt}"),
+                   **settings)
         if _varied(one, attack):
             break
     else:
         pytest.fail("no hash salt gave both an early hit and a full budget on these cases")
-    _same_case_results(one, gate(model, base, attack, cases=COMPANY, judge=judge, batch_size=3, **COMPANY_SETTINGS))
+    _same_results(one, gate(model, base, attack, cases=COMPANY, judge=judge, batch_size=3,
+                            store=Store(tmp_path / "three"), **settings))
 
 
-def test_p4d_reports_every_case_of_its_batch_each_step(tiny_model, base_model):
+@pytest.mark.parametrize("attack", ["p4d-k", "concept-inversion"])
+def test_a_batched_attack_reports_every_case_of_its_batch_each_step(tiny_model, base_model, attack):
     seen = []
-    gate(tiny_model, base_model, "p4d-k", batch_size=2,
+    gate(tiny_model, base_model, attack, batch_size=2,
          progress=lambda snapshot: seen.append(sorted((a.case_id, a.step) for a in snapshot.active)))
     assert [("0", 1), ("1", 1)] in seen and [("0", 6), ("1", 6)] in seen
 
@@ -331,3 +349,25 @@ def test_a_nan_loss_is_an_error_naming_the_case_and_step(tiny_model, other_tiny_
     with pytest.raises(NonFiniteError, match=r"model .*: p4d-n on case 0: the loss \(the distance to the base model's "
                                              r"prediction\) is nan at step 1: .*no verdict can be given"):
         gate(tiny_model, base, "p4d-n", cases=CASES[:1], target_dir=tmp_path)
+
+
+def test_a_nan_embedding_loss_is_an_error_naming_the_case_and_step(tiny_dir, base_model, tmp_path):
+    """Concept inversion's loop runs the unlearned model alone: NaN in the row of its start token
+    (the concept's word, in no prompt here, so the plain prompts render) breaks the loss at once,
+    in a batch of two cases."""
+    import torch
+    from PIL import Image
+
+    from pytest_unlearnatk import load_pipeline
+    from pytest_unlearnatk.render import NonFiniteError
+
+    model = load_pipeline(tiny_dir)  # its own copy: the shared fixture stays intact
+    [church] = model.pipeline.tokenizer("church", add_special_tokens=False).input_ids[:1]
+    with torch.no_grad():
+        model.pipeline.text_encoder.get_input_embeddings().weight[church] = float("nan")
+    for number in (0, 1):
+        Image.new("RGB", (64, 64), "red").save(tmp_path / f"{number}.png")
+    with pytest.raises(NonFiniteError, match=r"model .*: concept-inversion on case 0: the loss is nan at step 1: "
+                                             r".*no verdict can be given"):
+        gate(model, base_model, "concept-inversion", cases=[CASES[0], {**CASES[0], "case_number": 1}],
+             target_dir=tmp_path, batch_size=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -54,18 +55,28 @@ class Checker:
         return verdict
 
     @staticmethod
-    def check_many(requests: list[tuple[Checker, list[int]]], rows: int = 1) -> list[tuple[Verdict, Any]]:
+    def check_many(requests: list[tuple[Checker, list[int]]], rows: int = 1,
+                   around: BlockContext | None = None) -> list[tuple[Verdict, Any]]:
         """Render several cases' candidates in batches of exactly ``rows`` (see
-        :func:`render_in_blocks`) and judge each image alone; ``rows=1`` renders each alone."""
-        images = render_in_blocks(requests, rows)
+        :func:`render_in_blocks`, and its ``around``) and judge each image alone; ``rows=1``
+        renders each alone."""
+        images = render_in_blocks(requests, rows, around)
         return [(checker.judge_image(image), image) for (checker, _), image in zip(requests, images)]
 
 
-def render_in_blocks(requests: list[tuple[Checker, list[int]]], rows: int) -> list[Any]:
+# given the indices (into the requests) of a render's rows, padded rows included, in order: a
+# context held around that one render (concept inversion injects each row's embedding)
+BlockContext = Callable[[list[int]], contextlib.AbstractContextManager[Any]]
+
+
+def render_in_blocks(requests: list[tuple[Checker, list[int]]], rows: int,
+                     around: BlockContext | None = None) -> list[Any]:
     """One image per (checker, ids) request, each at its case's seed and guidance, rendered in
     batches of exactly ``rows`` images: requests that share a renderer and a guidance value are
     rendered together, ``rows`` at a time, the last batch padded with copies of its last request
-    (their images are dropped). Each checker is charged its share of the batch's time."""
+    (their images are dropped). Each checker is charged its share of the batch's time.
+    ``around(indices)``: a context entered around each batch's one ``render_many`` call, given the
+    requests of its rows in order, padded rows included (its text encoder reads them in that order)."""
     if rows < 1:
         raise ValueError(f"blocks of {rows} rows")
     groups: dict[tuple[int, float], list[int]] = {}
@@ -78,8 +89,9 @@ def render_in_blocks(requests: list[tuple[Checker, list[int]]], rows: int) -> li
             padded = chunk + [chunk[-1]] * (rows - len(chunk))
             cases = [requests[i][0].case for i in padded]
             start = time.perf_counter()
-            rendered = requests[chunk[0]][0].renderer.render_many(
-                [requests[i][1] for i in padded], [case.seed for case in cases], [case.guidance for case in cases])
+            with around(padded) if around is not None else contextlib.nullcontext():
+                rendered = requests[chunk[0]][0].renderer.render_many(
+                    [requests[i][1] for i in padded], [case.seed for case in cases], [case.guidance for case in cases])
             share = (time.perf_counter() - start) / len(chunk)
             for i, image in zip(chunk, rendered):
                 checker = requests[i][0]

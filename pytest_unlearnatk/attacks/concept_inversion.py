@@ -14,12 +14,23 @@ current embedding injected is rendered and judged; the first hit ends the case.
 The result is an embedding, not a text anyone could type: its ASR is a white-box upper bound on
 what prompts can do, and is labelled so wherever it is shown. A hit's embedding is kept in the
 store as a safetensors file named by its SHA-256, and the stored prompt names it, so it replays.
+
+Cases are batched like UnlearnDiffAtk's and P4D's (:mod:`.batching`): up to ``batch_size`` cases
+at once, each step one text-encoder and one UNet call for all of them at the batch's full shape
+(free places padded with copies of a live case, whose outputs are dropped), one MSE per row, summed
+for the backward pass so each case's gradient is its own. The checks of the cases whose check
+point came at this step are rendered together in batches of exactly ``batch_size`` images, each
+row with its own case's embedding injected (the renderer encodes only the conditional rows; its
+negative embedding is computed once, alone), then judged one by one. Each case keeps its own
+generator (each step's timestep, then its noise), embedding, AdamW state and check schedule, so
+its embedding and verdict do not depend on which cases share its batch (tests/test_attacks_more.py).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..cases import Case
@@ -27,7 +38,8 @@ from ..checks import finite, text, whole
 from ..errors import UnlearnAtkError
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
-from .base import AttackContext, AttackOutcome, CaseByCase, StepCallback
+from .base import AttackContext, AttackJob, AttackOutcome, Checker, StepCallback
+from .batching import FixedShapeBatch, case_memory_bytes, finite_losses
 from .unlearndiffatk import EmbeddingInjector, encode_target
 
 INVERTED = "<inverted>"  # how the pseudo-word is written in texts and reports
@@ -69,7 +81,7 @@ PRESETS = {
 }
 
 
-class ConceptInversion(CaseByCase):
+class ConceptInversion:
     name = "concept-inversion"
     config_class = ConceptInversionConfig
     presets = PRESETS
@@ -83,7 +95,10 @@ class ConceptInversion(CaseByCase):
         self.config = config or PRESETS["reference"]
 
     def config_dict(self) -> dict[str, Any]:
-        return {**asdict(self.config), "version": 1}
+        # "version" changes whenever the same settings would learn another embedding (it is part of
+        # the store key): 2 = cases batched at the batch's full shape, one loss per row, checks
+        # rendered in batches of the batch size (both round differently from version 1's one case)
+        return {**asdict(self.config), "version": 2}
 
     def start_token(self, pipeline: Any, concept: str) -> int:
         word = self.config.init_word or concept
@@ -95,71 +110,174 @@ class ConceptInversion(CaseByCase):
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext,
             on_step: StepCallback | None = None) -> AttackOutcome:
+        """Attack one case (a batch of one)."""
+        [(_, outcome)] = self.run_many([AttackJob(case, prompt, context)], batch_size=1, on_step=on_step)
+        return outcome
+
+    def run_many(self, jobs: Iterable[AttackJob], batch_size: int | str | None = None,
+                 on_step: StepCallback | None = None, compile_unet: bool = False,
+                 case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
+        """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
+
+        As UnlearnDiffAtk's and P4D's ``run_many`` (see :mod:`.batching`): each step runs the text
+        encoder and the UNet once for the whole batch, at its full shape (free places padded with
+        copies of a live case, whose outputs are dropped); the checks of the cases whose check
+        point came are rendered together, in batches of exactly ``batch_size`` images, each row
+        with its own embedding injected, then judged one by one. Each case keeps its own
+        generator, embedding, AdamW state and check schedule, so its embedding and verdict do not
+        depend on which cases share its batch. ``batch_size``: a number, or ``"auto"`` (decided on
+        the model's device and size, as UnlearnDiffAtk's). ``compile_unet`` is ignored.
+        ``case_count``: the gate's number of cases, a cap on the batch.
+        """
+        yield from _InversionBatch(self, iter(jobs), batch_size, on_step, case_count).run()
+
+
+@dataclass
+class _InversionSlot:
+    """One case in the batch: its ids, target, generator, learned embedding and optimizer."""
+
+    job: AttackJob
+    placeholder: int  # the token the embedding starts from; its id stands in the sequence
+    ids: list[int]  # the id sequence the text encoder reads (the embedding is injected at position 1)
+    target_latent: Any  # (1, C, H, W)
+    generator: Any  # the case's own: each step's timestep, then its noise
+    learned: Any  # (1, width) float32: the learned embedding
+    optimizer: Any  # AdamW on ``learned``
+    outcome: AttackOutcome = field(default_factory=lambda: AttackOutcome(embedding_positions=[1]))
+    step_in_block: int = 0
+    timestep: int = 0  # the last step's
+    block_losses: list[Any] = field(default_factory=list)
+
+
+class _InversionBatch(FixedShapeBatch):
+    """Concept inversion's optimization loop over a changing batch of cases (see ``run_many``)."""
+
+    def __init__(self, attack: ConceptInversion, jobs: Iterator[AttackJob], batch_size: int | str | None,
+                 on_step: StepCallback | None, case_count: int | None = None) -> None:
+        super().__init__(jobs, batch_size, on_step, case_count)
+        self.attack, self.config = attack, attack.config
+        self.max_steps = attack.config.steps
+        self.checkpoints = set(attack.config.check_points())
+
+    def _setup(self, context: AttackContext) -> None:
         import torch
 
         from ..render import noise_schedule
 
-        config, layout = self.config, context.layout
+        pipeline = self.pipeline = context.model.pipeline
+        for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
+            module.requires_grad_(False).eval()
+        self.device = pipeline.device
+        self.alphas = noise_schedule(pipeline).to(device=self.device, dtype=torch.float32)
+        self.v_prediction = pipeline.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+        self.table = pipeline.text_encoder.get_input_embeddings().weight
+        # one pseudo-word per sequence, at position 1 (after BOS); embeddings (rows, 1, width), one per row
+        self.injector = EmbeddingInjector(pipeline.text_encoder, [1])
+        self._resolve_batch(self.device, case_memory_bytes(pipeline.unet.config, pipeline.unet.dtype.itemsize))
+
+    def _new_slot(self, job: AttackJob) -> _InversionSlot:
+        import torch
+
+        case, prompt, context, config = job.case, job.prompt, job.context, self.config
         if context.target is None:
             raise UnlearnAtkError("concept-inversion needs target images: give a base model (base=, --unlearn-base) "
                                   "or a target directory")
-        pipeline = context.model.pipeline
-        for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
-            module.requires_grad_(False).eval()
-        device = pipeline.device
+        layout = context.layout
         plain_ids = layout.sequence(prompt.content_ids)
-        target_latent = encode_target(pipeline, context.target(case, plain_ids))
-        started = time.perf_counter()
-        placeholder = self.start_token(pipeline, context.concept)
-        ids = layout.sequence(prompt.content_ids, [placeholder])
-        id_tensor = torch.tensor([ids], device=device)
-        table = pipeline.text_encoder.get_input_embeddings().weight
-        learned = table[placeholder].detach().float().clone().unsqueeze(0).requires_grad_(True)  # (1, width)
-        optimizer = torch.optim.AdamW([learned], lr=config.lr, weight_decay=config.weight_decay)
-        alphas = noise_schedule(pipeline).to(device=device, dtype=torch.float32)
-        v_prediction = pipeline.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
-        generator = torch.Generator(device="cpu").manual_seed(config.seed * 1_000_003 + case.seed)
-        injector = EmbeddingInjector(pipeline.text_encoder, [1])
-        checkpoints = set(config.check_points())
-        outcome = AttackOutcome(embedding_positions=[1])
-        with injector.active():
-            for step in range(1, config.steps + 1):
-                t = int(torch.randint(0, len(alphas), (1,), generator=generator))
-                noise = torch.randn(target_latent.shape, generator=generator).to(device)
-                a = alphas[t]
-                noisy = a.sqrt() * target_latent + (1 - a).sqrt() * noise
-                injector.embeddings = learned
-                hidden = pipeline.text_encoder(id_tensor)[0]
-                injector.embeddings = None
-                prediction = pipeline.unet(noisy.to(pipeline.unet.dtype), torch.tensor([t], device=device),
-                                           encoder_hidden_states=hidden).sample.float()
-                wanted = a.sqrt() * noise - (1 - a).sqrt() * target_latent if v_prediction else noise
-                loss = torch.nn.functional.mse_loss(prediction, wanted)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                outcome.loss_trace.append(loss.item())
-                outcome.steps = step
-                if on_step is not None:
-                    on_step([(case, step, config.steps)])
-                if step not in checkpoints:
-                    continue
-                outcome.optimize_seconds += time.perf_counter() - started
-                embedding = learned.detach().clone()
-                injector.embeddings = embedding  # the check's render encodes through the same text encoder
-                try:
-                    verdict, image = context.check(ids)
-                finally:
-                    injector.embeddings = None
-                outcome.checks.append(CandidateCheck(step, t, [placeholder], rendered=True, hit=verdict.hit,
-                                                     score=verdict.score))
-                outcome.adversarial_ids, outcome.embedding = [placeholder], embedding.cpu()
-                outcome.verdict, outcome.image = verdict, image
-                if verdict.hit:
-                    outcome.hit, outcome.hit_step = True, step
-                    return outcome
-                started = time.perf_counter()
-        return outcome
+        target_latent = encode_target(self.pipeline, context.target(case, plain_ids))
+        placeholder = self.attack.start_token(self.pipeline, context.concept)
+        learned = self.table[placeholder].detach().float().clone().unsqueeze(0).requires_grad_(True)  # (1, width)
+        return _InversionSlot(
+            job=job, placeholder=placeholder, ids=layout.sequence(prompt.content_ids, [placeholder]),
+            target_latent=target_latent,
+            generator=torch.Generator(device="cpu").manual_seed(config.seed * 1_000_003 + case.seed),
+            learned=learned, optimizer=torch.optim.AdamW([learned], lr=config.lr, weight_decay=config.weight_decay))
+
+    def _joined(self, added: int) -> None:
+        self._restack()
+
+    def _left(self, keep: list[int]) -> None:
+        self._restack()
+
+    def _restack(self) -> None:
+        """The text encoder's ids at the batch's full shape."""
+        import torch
+
+        if self.slots:
+            self.ids = torch.tensor([slot.ids for slot in self.padded(self.slots)], device=self.device)
+
+    def _enter(self, stack: contextlib.ExitStack) -> None:
+        stack.enter_context(self.injector.active())
+
+    def _block_ended(self, slot: _InversionSlot) -> bool:
+        return slot.outcome.steps in self.checkpoints
+
+    def _step(self) -> None:
+        """One AdamW step on every case's embedding: the denoising loss on its target."""
+        import torch
+
+        slots, device = self.slots, self.device
+        noisy, wanted, timesteps = [], [], []
+        for slot in slots:  # each case's draws from its own generator, in the order of a case alone
+            t = int(torch.randint(0, len(self.alphas), (1,), generator=slot.generator))
+            noise = torch.randn(slot.target_latent.shape, generator=slot.generator).to(device)
+            a, latent = self.alphas[t], slot.target_latent
+            noisy.append(a.sqrt() * latent + (1 - a).sqrt() * noise)
+            wanted.append(a.sqrt() * noise - (1 - a).sqrt() * latent if self.v_prediction else noise)
+            timesteps.append(t)
+            slot.timestep = t
+        learned = [slot.learned for slot in slots]
+        embeddings = torch.stack(learned)  # (cases, 1, width)
+        if len(slots) < self.batch_size:  # the free places: copies of the first case, outside the gradient
+            embeddings = torch.cat([embeddings, *[learned[0].detach().unsqueeze(0)] * (self.batch_size - len(slots))])
+        self.injector.embeddings = embeddings
+        hidden = self.pipeline.text_encoder(self.ids)[0]
+        self.injector.embeddings = None
+        unet = self.pipeline.unet
+        prediction = unet(torch.cat(self.padded(noisy)).to(unet.dtype), torch.tensor(self.padded(timesteps), device=device),
+                          encoder_hidden_states=hidden).sample.float()
+        losses = (prediction - torch.cat(self.padded(wanted))).pow(2).mean(dim=(1, 2, 3))[: len(slots)]  # one MSE per case
+        grads = torch.autograd.grad(losses.sum(), learned)  # the sum keeps each case's gradient its own
+        for slot, grad, loss in zip(slots, grads, losses.detach()):
+            slot.learned.grad = grad
+            slot.optimizer.step()
+            slot.optimizer.zero_grad(set_to_none=True)
+            slot.block_losses.append(loss)
+
+    def _end_blocks(self, ended: list[int]) -> list[int]:
+        """Check the embeddings of the cases whose check point came; return the finished ones."""
+        import torch
+
+        requests, embeddings = [], []
+        for i in ended:
+            slot = self.slots[i]
+            outcome = slot.outcome
+            outcome.loss_trace.extend(finite_losses(slot.block_losses, self.attack.name, slot.job.case, outcome.steps))
+            slot.block_losses, slot.step_in_block = [], 0
+            embeddings.append(slot.learned.detach().clone())
+            requests.append((slot.job.context.check, slot.ids))
+
+        @contextlib.contextmanager
+        def injected(rows: list[int]) -> Iterator[None]:
+            """Each row of a check's render gets its own case's embedding (the text encoder reads
+            only the conditional rows: the renderer's negative embedding is computed once, alone)."""
+            self.injector.embeddings = torch.stack([embeddings[row] for row in rows])  # (rows, 1, width)
+            try:
+                yield
+            finally:
+                self.injector.embeddings = None
+
+        checked = Checker.check_many(requests, rows=self.batch_size, around=injected)
+        for i, embedding, (verdict, image) in zip(ended, embeddings, checked):
+            slot = self.slots[i]
+            outcome = slot.outcome
+            outcome.checks.append(CandidateCheck(outcome.steps, slot.timestep, [slot.placeholder], rendered=True,
+                                                 hit=verdict.hit, score=verdict.score))
+            outcome.adversarial_ids, outcome.embedding = [slot.placeholder], embedding.cpu()
+            outcome.verdict, outcome.image = verdict, image
+            if verdict.hit:
+                outcome.hit, outcome.hit_step = True, outcome.steps
+        return [i for i in ended if self.slots[i].outcome.hit or self.slots[i].outcome.steps == self.config.steps]
 
 
 def embedding_bytes(embedding: Any, positions: list[int]) -> bytes:
