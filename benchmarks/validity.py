@@ -13,9 +13,9 @@ its erasure keeps the word "orb" drawing circles, so an attack that works breaks
 cases while plain prompts and random tokens do not.
 
 ``--attacks``: the other registered attacks as more columns, each at its `fast` budget, ``--batch``
-cases at once where the attack batches (``p4d-n``, ``p4d-k``), else one case at a time
-(``ring-a-bell``, ``concept-inversion``; the last is a white-box upper bound: learned embeddings,
-not prompts). The summary line then also gives each column's
+cases at once where the attack batches (``p4d-n``, ``p4d-k``, ``concept-inversion``; the last
+is a white-box upper bound: learned embeddings, not prompts), else one case at a time
+(``ring-a-bell``). The summary line then also gives each column's
 seconds per case (``<model>_<attack>_s``), measured in the same run as UnlearnDiffAtk's.
 
 ``--quick``: toy:erased and toy:leaky, 8 prompts, no reference column (a few minutes).

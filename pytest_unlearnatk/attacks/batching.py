@@ -1,4 +1,5 @@
-"""Cases optimized together in a batch of fixed shape: the bookkeeping UnlearnDiffAtk and P4D share.
+"""Cases optimized together in a batch of fixed shape: the bookkeeping UnlearnDiffAtk, P4D and
+concept inversion share.
 
 A batch holds up to ``batch_size`` cases (its places). Every step the attack runs its models once
 for all of them, at the batch's full shape: free places (only at a gate's end) are padded with
