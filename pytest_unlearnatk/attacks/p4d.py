@@ -181,12 +181,13 @@ class _P4DSlot:
 
 
 # "auto" batch size: one case is charged this many times what case_memory_bytes estimates for an
-# UnlearnDiffAtk case (the activations its backward pass through the unlearned UNet keeps). A P4D
-# case also has the base UNet's forward (no gradient, but its activations exist while it runs) and
-# its block's noised latents and base predictions; that is unmeasured, so the charge is doubled,
-# to be conservative. The base's weights are a fixed cost, not a case's: the size is decided after
-# the base is loaded (and, with offload_base, moved off the device), so free memory already counts them.
-CASE_MEMORY_FACTOR = 2
+# UnlearnDiffAtk case (the activations its backward pass through the unlearned UNet keeps). The
+# base's forward keeps no activations (no gradient): benchmarks/memory.py --p4d measured the same
+# growth per case as UnlearnDiffAtk's on the medium SD-shaped model (0.36 vs 0.37 GiB per case from
+# batch 1 to 4, CPU, float32), so the charge is the same. The base's weights are a fixed cost, not a
+# case's: the size is decided after the base is loaded (and, with offload_base, moved off the
+# device), so free memory already counts them.
+CASE_MEMORY_FACTOR = 1
 
 
 class _P4DBatch(FixedShapeBatch):
