@@ -104,6 +104,14 @@ class Renderer:
         ids = torch.tensor(id_sequences, device=self.device)
         return self.pipeline.text_encoder(ids)[0]
 
+    def _decode(self, latent: Any) -> Any:
+        """One image's pixels, (1, H, W, 3) in [0, 1], decoded alone: batched VAE convolutions can
+        round a row differently at another place in the batch (measured on CPU, batch 3), and an
+        image must not depend on which other images shared its render."""
+        vae = self.pipeline.vae
+        decoded = vae.decode(latent / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(decoded, output_type="np")
+
     def render(self, ids: list[int], seed: int, guidance: float) -> Any:
         """One PIL image for one id sequence, at ``seed`` (CPU generator: same noise on any device)."""
         return self.render_many([ids], [seed], [guidance])[0]
@@ -112,7 +120,8 @@ class Renderer:
         """One image per id sequence, rendered in batches (one per guidance value).
 
         Each image gets its own generator seeded with its seed, so it shows what ``render`` would
-        show for it alone (up to float rounding: batched kernels may add in another order).
+        show for it alone (up to float rounding: batched kernels may add in another order), and the
+        same image whatever else shares its batch of that size (each latent is decoded alone).
         """
         import numpy as np
         import torch
@@ -132,9 +141,9 @@ class Renderer:
                     height=self.settings.height,
                     width=self.settings.width,
                     generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in indices],
-                    output_type="np",
+                    output_type="latent",
                 )
-            pixels = output.images
+                pixels = np.concatenate([self._decode(latent) for latent in output.images.split(1)])
             if not np.isfinite(pixels).all():
                 bad = [seeds[i] for i, image in zip(indices, pixels) if not np.isfinite(image).all()]
                 raise NonFiniteError(

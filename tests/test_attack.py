@@ -346,8 +346,8 @@ def test_a_block_renders_each_candidate_the_same_whatever_shares_it(tiny_model):
 
 
 def test_checks_of_several_cases_render_each_image_as_in_any_other_company(tiny_model):
-    """The attack renders the checks of all cases that end a block together, in batches of its
-    batch size: each image must be the one its case gets in any other company and at any row,
+    """The attack renders the checks of all cases that end a block together, each in the row of
+    its batch place: each image must be the one its case gets at that place in any other company,
     with its own seed and guidance (a case with another guidance goes in a batch of its own)."""
     from pytest_unlearnatk.attacks import Checker
     from pytest_unlearnatk.judges import get_judge
@@ -358,14 +358,18 @@ def test_checks_of_several_cases_render_each_image_as_in_any_other_company(tiny_
                         for i in range(4)])
     checkers = [Checker(renderer, get_judge(never), case) for case in cases]
     ids = [layout.sequence([320, 1000 + 7 * i]) for i in range(4)]
-    together = Checker.check_many(list(zip(checkers, ids)), rows=4)
-    shuffled = Checker.check_many([(checkers[0], ids[0]), (checkers[2], ids[2]), (checkers[1], ids[1])], rows=4)
-    alone = [Checker.check_many([(checker, i)], rows=4)[0] for checker, i in zip(checkers, ids)]
+    together = Checker.check_many(list(zip(checkers, ids)), rows=4, places=[0, 1, 2, 3])
+    shuffled = Checker.check_many([(checkers[0], ids[0]), (checkers[2], ids[2]), (checkers[1], ids[1])], rows=4,
+                                  places=[0, 2, 1])
+    alone = [Checker.check_many([(checker, i)], rows=4, places=[place])[0]
+             for place, (checker, i) in enumerate(zip(checkers, ids))]
     pixels = [np.asarray(image) for _, image in together]
-    assert np.array_equal(pixels[0], np.asarray(shuffled[0][1])) and np.array_equal(pixels[1], np.asarray(shuffled[2][1]))
+    assert np.array_equal(pixels[2], np.asarray(shuffled[1][1])) and np.array_equal(pixels[1], np.asarray(shuffled[2][1]))
     assert all(np.array_equal(p, np.asarray(image)) for p, (_, image) in zip(pixels, alone))
     assert not np.array_equal(pixels[0], pixels[1])  # each row has its own prompt and seed
     assert [checker.renders for checker in checkers] == [3, 3, 3, 2]  # padding rows are not counted
+    with pytest.raises(ValueError, match="places"):  # two cases cannot share a row
+        Checker.check_many([(checkers[0], ids[0]), (checkers[1], ids[1])], rows=4, places=[1, 1])
 
 
 def test_weights_file_model_renders_targets_with_its_own_base(tiny_dir, other_tiny_dir, tmp_path):

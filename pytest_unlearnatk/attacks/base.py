@@ -25,8 +25,10 @@ class Checker:
     rows, never in a batch whose shape depends on how many candidates happen to be waiting:
     kernels round differently at other shapes, and a judge's line can fall inside that rounding,
     so a case's verdict would depend on which cases shared its batch (and so on where an
-    interrupted run was resumed). At a fixed shape each row is computed the same whatever the
-    other rows hold (tests/test_attack.py checks it bit for bit). docs/performance.md has the costs.
+    interrupted run was resumed). At a fixed shape a row's image does not depend on what the other
+    rows hold, but it can depend on the row (CPU kernels round their last rows differently): a
+    batched attack renders each case's checks in the row of its batch place (``places``), and
+    tests/test_attack.py checks it bit for bit. docs/performance.md has the costs.
     """
 
     def __init__(self, renderer: Renderer, judge: Judge, case: Case) -> None:
@@ -56,11 +58,11 @@ class Checker:
 
     @staticmethod
     def check_many(requests: list[tuple[Checker, list[int]]], rows: int = 1,
-                   around: BlockContext | None = None) -> list[tuple[Verdict, Any]]:
+                   around: BlockContext | None = None, places: list[int] | None = None) -> list[tuple[Verdict, Any]]:
         """Render several cases' candidates in batches of exactly ``rows`` (see
-        :func:`render_in_blocks`, and its ``around``) and judge each image alone; ``rows=1``
-        renders each alone."""
-        images = render_in_blocks(requests, rows, around)
+        :func:`render_in_blocks`, and its ``around`` and ``places``) and judge each image alone;
+        ``rows=1`` renders each alone."""
+        images = render_in_blocks(requests, rows, around, places)
         return [(checker.judge_image(image), image) for (checker, _), image in zip(requests, images)]
 
 
@@ -70,13 +72,16 @@ BlockContext = Callable[[list[int]], contextlib.AbstractContextManager[Any]]
 
 
 def render_in_blocks(requests: list[tuple[Checker, list[int]]], rows: int,
-                     around: BlockContext | None = None) -> list[Any]:
+                     around: BlockContext | None = None, places: list[int] | None = None) -> list[Any]:
     """One image per (checker, ids) request, each at its case's seed and guidance, rendered in
     batches of exactly ``rows`` images: requests that share a renderer and a guidance value are
-    rendered together, ``rows`` at a time, the last batch padded with copies of its last request
-    (their images are dropped). Each checker is charged its share of the batch's time.
-    ``around(indices)``: a context entered around each batch's one ``render_many`` call, given the
-    requests of its rows in order, padded rows included (its text encoder reads them in that order)."""
+    rendered together. Without ``places``, ``rows`` at a time in order, the last batch padded with
+    copies of its last request; with ``places`` (one row index per request, distinct among the
+    requests that share a renderer and a guidance), each request in its own row of one batch, the
+    other rows copies of the first request. Padded rows' images are dropped. Each checker is charged
+    its share of the batch's time. ``around(indices)``: a context entered around each batch's one
+    ``render_many`` call, given the requests of its rows in order, padded rows included (its text
+    encoder reads them in that order)."""
     if rows < 1:
         raise ValueError(f"blocks of {rows} rows")
     groups: dict[tuple[int, float], list[int]] = {}
@@ -84,21 +89,30 @@ def render_in_blocks(requests: list[tuple[Checker, list[int]]], rows: int,
         groups.setdefault((id(checker.renderer), float(checker.case.guidance)), []).append(index)
     images: list[Any] = [None] * len(requests)
     for indices in groups.values():
-        for first in range(0, len(indices), rows):
-            chunk = indices[first:first + rows]
-            padded = chunk + [chunk[-1]] * (rows - len(chunk))
+        for chunk, padded in _layouts(indices, rows, places):
             cases = [requests[i][0].case for i in padded]
             start = time.perf_counter()
             with around(padded) if around is not None else contextlib.nullcontext():
                 rendered = requests[chunk[0]][0].renderer.render_many(
                     [requests[i][1] for i in padded], [case.seed for case in cases], [case.guidance for case in cases])
             share = (time.perf_counter() - start) / len(chunk)
-            for i, image in zip(chunk, rendered):
+            for i in chunk:
                 checker = requests[i][0]
-                images[i] = image
+                images[i] = rendered[padded.index(i) if places is None else places[i]]
                 checker.renders += 1
                 checker.render_seconds += share
     return images
+
+
+def _layouts(indices: list[int], rows: int, places: list[int] | None) -> list[tuple[list[int], list[int]]]:
+    """The renders of one group of requests: (the requests it renders, the request in each row)."""
+    if places is None:
+        chunks = [indices[first:first + rows] for first in range(0, len(indices), rows)]
+        return [(chunk, chunk + [chunk[-1]] * (rows - len(chunk))) for chunk in chunks]
+    by_row = {places[i]: i for i in indices}
+    if len(by_row) < len(indices) or not all(0 <= row < rows for row in by_row):
+        raise ValueError(f"places {[places[i] for i in indices]} for a render of {rows} rows")
+    return [(indices, [by_row.get(row, indices[0]) for row in range(rows)])]
 
 
 def judge_one(judge: Judge, image: Any) -> Verdict:
@@ -145,11 +159,17 @@ class AttackOutcome:
 
 @dataclass
 class AttackJob:
-    """One case handed to an attack that works on several cases at once."""
+    """One case handed to an attack that works on several cases at once.
+
+    ``index``: the case's index in the caller's list of cases. A batched attack runs case
+    ``index`` at batch place ``index % batch_size`` (its row in every batched model call), so
+    that the row, and with it the case's numbers, does not depend on which cases are already done
+    (see :mod:`.batching`). ``None``: the order in which the jobs arrive."""
 
     case: Case
     prompt: FittedPrompt
     context: AttackContext
+    index: int | None = None
 
 
 class Attack(Protocol):

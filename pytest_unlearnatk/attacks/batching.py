@@ -1,14 +1,17 @@
 """Cases optimized together in a batch of fixed shape: the bookkeeping UnlearnDiffAtk, P4D and
 concept inversion share.
 
-A batch holds up to ``batch_size`` cases (its places). Every step the attack runs its models once
-for all of them, at the batch's full shape: free places (only at a gate's end) are padded with
-copies of the first case, whose outputs are dropped. Kernels pick their summation order by shape,
-so a fixed shape makes each case's numbers independent of which cases share its batch, and so of
-where an interrupted run was resumed (docs/performance.md, "What a case's result depends on").
-A case's success checks are rendered with those of the other cases whose block ended at the same
-step, in batches of exactly ``batch_size`` images (``Checker.check_many``). Jobs are read lazily: a
-finished case's place goes to the next job at once.
+A batch holds up to ``batch_size`` cases, one per place. Every step the attack runs its models
+once for all of them, at the batch's full shape, each case in the row of its place: a free place
+(only at a gate's end) holds a copy of another case, whose output is dropped. A case's row is fixed
+by the case, not by the run: case ``index`` of the gate always runs at place ``index % batch_size``
+(places take their cases in order). Rows must be fixed because CPU kernels do not compute every
+row alike: a small matrix product's last rows go through another inner loop than its first, and
+round differently (measured: a batch of six equal rows out of one ``Linear`` differs by 2e-7
+between rows). So a case's numbers depend on the batch size and its place, never on which cases
+share its batch, and so not on where an interrupted run was resumed (docs/performance.md, "What a
+case's result depends on"). A case's success check is rendered at its place too, with the checks
+of the other cases whose block ended at the same step (``Checker.check_many`` with places).
 
 :class:`FixedShapeBatch` is the loop; an attack subclasses it with its own slots and step.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -97,11 +101,15 @@ class FixedShapeBatch:
 
     A subclass gives: ``max_steps``; ``_setup(context)`` (called on the first job: the model, and
     ``self.batch_size`` where it was "auto", see :meth:`_resolve_batch`); ``_new_slot(job)`` (an
-    object with ``job``, ``outcome`` and ``step_in_block``); ``_step()`` (one step of every case);
-    ``_block_ended(slot)``; ``_end_blocks(ended)`` (check those cases, return the finished ones,
-    reset the others' ``step_in_block``). Optional hooks: ``_joined(added)`` and ``_left(keep)``
-    (the batch changed: restack per-batch state), ``_next_blocks()`` (cases ended a block and none
-    finished), ``_enter(stack)`` (contexts held while the batch runs).
+    object with ``job``, ``outcome``, ``step_in_block`` and ``place``, which the loop sets);
+    ``_step()`` (one step of every case); ``_block_ended(slot)``; ``_end_blocks(ended)`` (check
+    those cases, return the finished ones, reset the others' ``step_in_block``). Optional hooks:
+    ``_joined(added)`` and ``_left(keep)`` (the batch changed: restack per-batch state),
+    ``_next_blocks()`` (cases ended a block and none finished), ``_enter(stack)`` (contexts held
+    while the batch runs).
+
+    ``self.slots`` lists the cases in the order they joined; :meth:`padded`, :meth:`padded_rows`
+    and :meth:`per_case` convert between that order and the rows of a model call (by place).
     """
 
     max_steps: int
@@ -114,6 +122,9 @@ class FixedShapeBatch:
         self.batch_size = None if batch_size in (None, "auto") else self._capped(resolve_batch_size(batch_size, "cpu"))
         self.slots: list[Any] = []
         self.pipeline: Any = None
+        self.waiting: defaultdict[int, deque[AttackJob]] = defaultdict(deque)  # place -> jobs read ahead
+        self.jobs_read = 0
+        self.jobs_left = True
 
     def _capped(self, size: int) -> int:
         """No more places than the gate has cases (the shape must not depend on how many remain)."""
@@ -122,25 +133,62 @@ class FixedShapeBatch:
     def _resolve_batch(self, device: Any, case_bytes: int) -> None:
         self.batch_size = self._capped(resolve_batch_size(self.requested_batch, str(device), case_bytes))
 
-    def padded(self, rows: list[Any]) -> list[Any]:
-        """``rows`` (one per case in the batch) with the free places filled by copies of the first."""
-        return rows + [rows[0]] * (self.batch_size - len(rows))
+    # --- rows of a model call, by place -------------------------------------------------------
+
+    def padded(self, items: list[Any]) -> list[Any]:
+        """``items`` (one per case, in the order of ``self.slots``) as the rows of a model call:
+        row ``p`` holds the item of the case at place ``p``; a free place a copy of the first."""
+        by_place = {slot.place: item for slot, item in zip(self.slots, items)}
+        return [by_place.get(place, items[0]) for place in range(self.batch_size)]
+
+    def padded_rows(self, pieces: list[Any]) -> Any:
+        """Tensors (one per case, in the order of ``self.slots``) concatenated as the rows of a
+        model call (see :meth:`padded`); a free place's copy is detached: no gradient comes back
+        from a dropped row."""
+        import torch
+
+        filler = pieces[0].detach()
+        by_place = {slot.place: piece for slot, piece in zip(self.slots, pieces)}
+        return torch.cat([by_place.get(place, filler) for place in range(self.batch_size)])
+
+    def per_case(self, rows: Any) -> Any:
+        """A model call's rows (by place) back in the order of ``self.slots``; free places dropped."""
+        return rows[[slot.place for slot in self.slots]]
 
     # --- the batch's cases ------------------------------------------------------------------
 
+    def _read_job(self) -> bool:
+        """Read one job into its place's queue; False when the jobs ran out."""
+        job = next(self.jobs, None) if self.jobs_left else None
+        if job is None:
+            self.jobs_left = False
+            return False
+        if self.pipeline is None:
+            self._setup(job.context)
+        elif job.context.model.pipeline is not self.pipeline:
+            raise UnlearnAtkError("all cases of one batch must attack the same model")
+        index = self.jobs_read if job.index is None else job.index
+        self.jobs_read += 1
+        self.waiting[index % self.batch_size].append(job)
+        return True
+
     def _fill(self) -> None:
-        """Take jobs until the batch is full or the jobs run out."""
+        """Give every free place its next case, reading jobs only as far as a free place needs."""
         added = 0
-        while self.batch_size is None or len(self.slots) < self.batch_size:  # None until the first job
-            job = next(self.jobs, None)
-            if job is None:
+        while True:
+            if self.batch_size is not None:
+                busy = {slot.place for slot in self.slots}
+                for place in range(self.batch_size):
+                    if place not in busy and self.waiting[place]:
+                        slot = self._new_slot(self.waiting[place].popleft())
+                        slot.place = place
+                        self.slots.append(slot)
+                        busy.add(place)
+                        added += 1
+                if len(busy) == self.batch_size:
+                    break
+            if not self._read_job():
                 break
-            if self.pipeline is None:
-                self._setup(job.context)
-            elif job.context.model.pipeline is not self.pipeline:
-                raise UnlearnAtkError("all cases of one batch must attack the same model")
-            self.slots.append(self._new_slot(job))
-            added += 1
         if added:
             self._joined(added)
 
@@ -196,7 +244,7 @@ class FixedShapeBatch:
         raise NotImplementedError
 
     def _joined(self, added: int) -> None:
-        """The last ``added`` slots just joined."""
+        """The last ``added`` slots (of ``self.slots``) just joined."""
 
     def _left(self, keep: list[int]) -> None:
         """Only the slots that were at indices ``keep`` remain."""

@@ -16,11 +16,11 @@ what prompts can do, and is labelled so wherever it is shown. A hit's embedding 
 store as a safetensors file named by its SHA-256, and the stored prompt names it, so it replays.
 
 Cases are batched like UnlearnDiffAtk's and P4D's (:mod:`.batching`): up to ``batch_size`` cases
-at once, each step one text-encoder and one UNet call for all of them at the batch's full shape
-(free places padded with copies of a live case, whose outputs are dropped), one MSE per row, summed
-for the backward pass so each case's gradient is its own. The checks of the cases whose check
-point came at this step are rendered together in batches of exactly ``batch_size`` images, each
-row with its own case's embedding injected (the renderer encodes only the conditional rows; its
+at once, each step one text-encoder and one UNet call for all of them at the batch's full shape,
+each case in the row of its place (free places padded with copies of a live case, whose outputs are
+dropped), one MSE per row, summed for the backward pass so each case's gradient is its own. The
+checks of the cases whose check point came at this step are rendered together in one batch of
+exactly ``batch_size`` images, each in the row of its place with its own case's embedding injected (the renderer encodes only the conditional rows; its
 negative embedding is computed once, alone), then judged one by one. Each case keeps its own
 generator (each step's timestep, then its noise), embedding, AdamW state and check schedule, so
 its embedding and verdict do not depend on which cases share its batch (tests/test_attacks_more.py).
@@ -97,8 +97,10 @@ class ConceptInversion:
     def config_dict(self) -> dict[str, Any]:
         # "version" changes whenever the same settings would learn another embedding (it is part of
         # the store key): 2 = cases batched at the batch's full shape, one loss per row, checks
-        # rendered in batches of the batch size (both round differently from version 1's one case)
-        return {**asdict(self.config), "version": 2}
+        # rendered in batches of the batch size (both round differently from version 1's one case);
+        # 3 = each case runs and is rendered in the row of its place (case index % batch size), and
+        # each image is decoded alone (rows round differently: see .batching)
+        return {**asdict(self.config), "version": 3}
 
     def start_token(self, pipeline: Any, concept: str) -> int:
         word = self.config.init_word or concept
@@ -147,6 +149,7 @@ class _InversionSlot:
     step_in_block: int = 0
     timestep: int = 0  # the last step's
     block_losses: list[Any] = field(default_factory=list)
+    place: int = 0  # its row in the batch's model calls (set by the loop)
 
 
 class _InversionBatch(FixedShapeBatch):
@@ -227,16 +230,14 @@ class _InversionBatch(FixedShapeBatch):
             timesteps.append(t)
             slot.timestep = t
         learned = [slot.learned for slot in slots]
-        embeddings = torch.stack(learned)  # (cases, 1, width)
-        if len(slots) < self.batch_size:  # the free places: copies of the first case, outside the gradient
-            embeddings = torch.cat([embeddings, *[learned[0].detach().unsqueeze(0)] * (self.batch_size - len(slots))])
-        self.injector.embeddings = embeddings
+        # (rows, 1, width), each case in the row of its place; a free place's copy: outside the gradient
+        self.injector.embeddings = self.padded_rows([embedding.unsqueeze(0) for embedding in learned])
         hidden = self.pipeline.text_encoder(self.ids)[0]
         self.injector.embeddings = None
         unet = self.pipeline.unet
         prediction = unet(torch.cat(self.padded(noisy)).to(unet.dtype), torch.tensor(self.padded(timesteps), device=device),
                           encoder_hidden_states=hidden).sample.float()
-        losses = (prediction - torch.cat(self.padded(wanted))).pow(2).mean(dim=(1, 2, 3))[: len(slots)]  # one MSE per case
+        losses = self.per_case((prediction - torch.cat(self.padded(wanted))).pow(2).mean(dim=(1, 2, 3)))  # one MSE per case
         grads = torch.autograd.grad(losses.sum(), learned)  # the sum keeps each case's gradient its own
         for slot, grad, loss in zip(slots, grads, losses.detach()):
             slot.learned.grad = grad
@@ -267,7 +268,8 @@ class _InversionBatch(FixedShapeBatch):
             finally:
                 self.injector.embeddings = None
 
-        checked = Checker.check_many(requests, rows=self.batch_size, around=injected)
+        checked = Checker.check_many(requests, rows=self.batch_size, around=injected,
+                                     places=[self.slots[i].place for i in ended])
         for i, embedding, (verdict, image) in zip(ended, embeddings, checked):
             slot = self.slots[i]
             outcome = slot.outcome

@@ -16,10 +16,11 @@ a gradient, a block of ``eval_step`` steps at a time (their timesteps and noise 
 then the unlearned one's for the block's steps), so the peak holds one UNet's weights, not two.
 
 Cases are batched like UnlearnDiffAtk's (:mod:`.batching`): up to ``batch_size`` cases at once,
-each step one text-encoder and one UNet call for all of them at the batch's full shape (free places
-padded with copies of a live case, whose outputs are dropped); at a block's start the base UNet
-predicts the block's steps of every case starting one, in batches of exactly ``batch_size`` rows;
-the checks of the cases whose block ended are rendered together in batches of ``batch_size``. Each
+each step one text-encoder and one UNet call for all of them at the batch's full shape, each case in
+the row of its place (free places padded with copies of a live case, whose outputs are dropped); at
+a block's start the base UNet predicts the block's steps of each case starting one, in calls of
+exactly ``batch_size`` of its steps; the checks of the cases whose block ended are rendered together,
+each in the row of its place, in one batch of ``batch_size``. Each
 case keeps its own generator (initial tokens, timesteps, noise), soft embeddings, AdamW state and
 check schedule, and its own free-token positions (P4D-k's differ with the prompt's length), so its
 tokens and verdict do not depend on which cases share its batch (tests/test_attacks_more.py).
@@ -126,8 +127,10 @@ class _P4D:
         # offload_base moves weights, never numbers: it stays out of the store key.
         # "version" changes whenever the same settings would find other tokens (it is part of the
         # store key): 2 = cases batched at the batch's full shape, one loss per row (the batched
-        # mean rounds differently from version 1's one-case mean, so a token can flip)
-        return {**{k: v for k, v in asdict(self.config).items() if k != "offload_base"}, "version": 2}
+        # mean rounds differently from version 1's one-case mean, so a token can flip); 3 = each case
+        # runs and is rendered in the row of its place (case index % batch size), its base predictions
+        # in calls of its own steps, each image decoded alone (rows round differently: see .batching)
+        return {**{k: v for k, v in asdict(self.config).items() if k != "offload_base"}, "version": 3}
 
     def layout_of(self, content_ids: list[int], placeholder: int) -> tuple[list[int], list[int]]:
         """The candidate's content with placeholders, and the placeholders' indices in it."""
@@ -145,10 +148,11 @@ class _P4D:
         """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
 
         As UnlearnDiffAtk's ``run_many`` (see :mod:`.batching`): each step runs the text encoder
-        and the unlearned UNet once for the whole batch, at its full shape (free places padded with
-        copies of a live case, whose outputs are dropped); at the start of a block the base UNet
-        computes the block's predictions for the cases starting one, in batches of exactly
-        ``batch_size`` rows; checks are rendered together, in batches of ``batch_size``. Each case
+        and the unlearned UNet once for the whole batch, at its full shape, each case in the row of
+        its place (free places padded with copies of a live case, whose outputs are dropped); at the
+        start of a block the base UNet computes the block's predictions of each case starting one,
+        in calls of ``batch_size`` of its steps; checks are rendered together, each in the row of its
+        place. Each case
         keeps its own generator, soft embeddings, AdamW state and check schedule, so its tokens and
         verdict do not depend on which cases share its batch. ``batch_size``: a number, or
         ``"auto"`` (decided on the model's device and size, conservatively: see ``_setup``).
@@ -178,6 +182,7 @@ class _P4DSlot:
     wanted: Any = None  # (block length, C, H, W): the base UNet's predictions on them
     block_losses: list[Any] = field(default_factory=list)
     last_checked: list[int] | None = None
+    place: int = 0  # its row in the batch's model calls (set by the loop)
 
 
 # "auto" batch size: one case is charged this many times what case_memory_bytes estimates for an
@@ -301,34 +306,32 @@ class _P4DBatch(FixedShapeBatch):
 
     def _start_blocks(self, starting: list[_P4DSlot]) -> None:
         """Draw the block's timesteps and noise of each starting case (from its own generator) and
-        have the base UNet predict its noise on them: all the starting cases' steps together, in
-        batches of exactly ``batch_size`` rows (the last padded with copies of its last row)."""
+        have the base UNet predict its noise on them: each case's steps in calls of exactly
+        ``batch_size`` rows, step ``j`` in row ``j % batch_size`` (the last call padded with copies
+        of its last step), so a prediction does not depend on which cases start a block with it."""
         import torch
 
-        config, device = self.config, self.device
-        for slot in starting:
-            length = min(config.eval_step, config.iterations - slot.outcome.steps)
-            timesteps = torch.randint(0, len(self.alphas), (length,), generator=slot.generator)
-            noises = torch.randn((length, *slot.target_latent.shape[1:]), generator=slot.generator).to(device)
-            a = self.alphas[timesteps.to(device)].view(-1, 1, 1, 1)
-            slot.noisy = a.sqrt() * slot.target_latent + (1 - a).sqrt() * noises
-            slot.timesteps, slot.block_length = timesteps.tolist(), length
-            slot.wanted = torch.empty_like(slot.noisy)
-        # step by step, every starting case's step j in one batch when they fit
-        rows = [(slot, j) for j in range(config.eval_step) for slot in starting if j < slot.block_length]
+        config, device, rows = self.config, self.device, self.batch_size
         unet = self.base_pipeline.unet
         with self._base_turn(), torch.no_grad():
             base_device = next(unet.parameters()).device  # where it is now
-            for first in range(0, len(rows), self.batch_size):
-                chunk = rows[first:first + self.batch_size]
-                padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
-                predicted = unet(
-                    torch.cat([slot.noisy[j:j + 1] for slot, j in padded]).to(base_device, unet.dtype),
-                    torch.tensor([slot.timesteps[j] for slot, j in padded], device=base_device),
-                    encoder_hidden_states=torch.cat([slot.base_hidden for slot, _ in padded]).to(base_device),
-                ).sample.float().to(device)
-                for (slot, j), prediction in zip(chunk, predicted):
-                    slot.wanted[j] = prediction
+            for slot in starting:
+                length = min(config.eval_step, config.iterations - slot.outcome.steps)
+                timesteps = torch.randint(0, len(self.alphas), (length,), generator=slot.generator)
+                noises = torch.randn((length, *slot.target_latent.shape[1:]), generator=slot.generator).to(device)
+                a = self.alphas[timesteps.to(device)].view(-1, 1, 1, 1)
+                slot.noisy = a.sqrt() * slot.target_latent + (1 - a).sqrt() * noises
+                slot.timesteps, slot.block_length = timesteps.tolist(), length
+                wanted = []
+                for first in range(0, length, rows):
+                    steps = list(range(first, min(first + rows, length)))
+                    steps += [steps[-1]] * (rows - len(steps))
+                    wanted.append(unet(
+                        slot.noisy[steps].to(base_device, unet.dtype),
+                        torch.tensor([slot.timesteps[j] for j in steps], device=base_device),
+                        encoder_hidden_states=slot.base_hidden.to(base_device).expand(rows, -1, -1),
+                    ).sample.float().to(device))
+                slot.wanted = torch.cat(wanted)[:length]
 
     def _step(self) -> None:
         """One AdamW step on every case's soft embeddings, through their nearest tokens."""
@@ -341,11 +344,8 @@ class _P4DBatch(FixedShapeBatch):
         rows = self.padded(slots)
         # the nearest tokens' embeddings: the gradient on them updates the soft embeddings
         projected = self.table[torch.cat([self._nearest(slot) for slot in slots])].float().requires_grad_(True)
-        embeddings = projected  # plus the free places' rows (a copy of the first case's), outside the gradient
-        if len(rows) > len(slots):
-            first = projected[: len(slots[0].free)].detach()
-            embeddings = torch.cat([projected, *[first] * (len(rows) - len(slots))])
-        self.injector.embeddings = embeddings
+        # each case's in the rows of its place; a free place's copy: outside the gradient
+        self.injector.embeddings = self.padded_rows(list(projected.split([len(slot.free) for slot in slots])))
         hidden = self.pipeline.text_encoder(self.ids)[0]
         self.injector.embeddings = None
         at = [slot.step_in_block for slot in rows]
@@ -353,7 +353,7 @@ class _P4DBatch(FixedShapeBatch):
         timesteps = torch.tensor([slot.timesteps[j] for slot, j in zip(rows, at)], device=self.device)
         wanted = torch.cat([slot.wanted[j:j + 1] for slot, j in zip(rows, at)])
         prediction = self.pipeline.unet(noisy, timesteps, encoder_hidden_states=hidden).sample.float()
-        losses = (prediction - wanted).pow(2).mean(dim=(1, 2, 3))[: len(slots)]  # one MSE per case
+        losses = self.per_case((prediction - wanted).pow(2).mean(dim=(1, 2, 3)))  # one MSE per case
         (grad,) = torch.autograd.grad(losses.sum(), [projected])  # the sum keeps each case's gradient its own
         for slot, slot_grad, loss in zip(slots, grad.split([len(slot.free) for slot in slots]), losses.detach()):
             slot.soft.grad = slot_grad
@@ -381,7 +381,8 @@ class _P4DBatch(FixedShapeBatch):
                 full[index] = token
             requests.append((slot.job.context.check, slot.job.context.layout.sequence(full)))
             waiting.append((i, candidate, full))
-        for (i, candidate, full), (verdict, image) in zip(waiting, Checker.check_many(requests, rows=self.batch_size)):
+        checked = Checker.check_many(requests, rows=self.batch_size, places=[self.slots[i].place for i, _, _ in waiting])
+        for (i, candidate, full), (verdict, image) in zip(waiting, checked):
             outcome = self.slots[i].outcome
             outcome.checks.append(CandidateCheck(outcome.steps, 0, candidate, rendered=True, hit=verdict.hit,
                                                  score=verdict.score))

@@ -257,6 +257,7 @@ class _Slot:
     step_in_block: int = 0
     block_losses: list[Any] = field(default_factory=list)
     last_checked: list[int] | None = None
+    place: int = 0  # its row in the batch's model calls (set by the loop)
 
     @property
     def timestep(self) -> int:
@@ -283,8 +284,10 @@ class UnlearnDiffAtk:
         # store key): 2 = inverse-CDF token sampling, per-case Adam in a batch; 3 = the exact Newton
         # projection (it rounds differently from the bisection of version 2); 4 = the model always
         # runs the batch's full shape, and checks are rendered alone (other rounding in part-full batches);
-        # 5 = checks are rendered in batches of the attack's batch size (other rounding than alone)
-        return {**asdict(self.config), "version": 5}
+        # 5 = checks are rendered in batches of the attack's batch size (other rounding than alone);
+        # 6 = each case runs and is rendered in the row of its place (case index % batch size), and
+        # each image is decoded alone (rows round differently: see .batching)
+        return {**asdict(self.config), "version": 6}
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
         """Attack one case (a batch of one)."""
@@ -296,12 +299,13 @@ class UnlearnDiffAtk:
                  case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
         """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
 
-        The cases of a batch share every text-encoder and UNet call, and their success checks are
-        rendered together, in batches of exactly ``batch_size`` images (padded), then judged one
-        by one; a finished case's place goes to the next job at once. Each
-        case keeps its own generator, optimizer state and timestep sweep, so it gets the tokens
-        and verdict it gets alone (losses agree up to float rounding). ``jobs`` is read lazily:
-        the next job is taken only when a place is free. ``batch_size``: a number, or ``"auto"``
+        The cases of a batch share every text-encoder and UNet call, each case in the row of its
+        place (job ``index % batch_size``), and their success checks are rendered together, each
+        in the row of its place of one batch of exactly ``batch_size`` images (padded), then
+        judged one by one; a finished case's place goes to the next job of that place. Each case
+        keeps its own generator, optimizer state and timestep sweep, so it gets the tokens and
+        verdict it gets alone at its place (losses agree up to float rounding). ``jobs`` is read
+        lazily: only as far as a free place needs. ``batch_size``: a number, or ``"auto"``
         (see :func:`resolve_batch_size`; decided on the model's device and its size).
         ``compile_unet``: run the attack's UNet calls through ``torch.compile`` (worth it on a GPU
         for long gates; the first steps compile). ``case_count``: the gate's number of cases, a cap
@@ -394,17 +398,16 @@ class _BatchedOptimization(FixedShapeBatch):
         self.probabilities.requires_grad_(True)
         if getattr(self, "scratch", None) is None or self.scratch.shape != self.probabilities.shape:
             self.scratch = torch.empty_like(self.probabilities, requires_grad=False)  # reused every step
-        # The model always sees batch_size rows: the free places hold copies of the first case,
-        # whose outputs are dropped. Kernels pick their summation order by shape, so a fixed shape
-        # makes each case's numbers independent of how many and which cases share its batch (and
-        # so of where an interrupted run was resumed); tests/test_attack.py checks it bit for bit.
+        # The model always sees batch_size rows, each case in the row of its place (free places
+        # hold copies of the first case, whose outputs are dropped): so each case's numbers do not
+        # depend on which cases share its batch, and so on where an interrupted run was resumed
+        # (see .batching); tests/test_attack.py checks it bit for bit.
         rows = self.padded(self.slots)
         self.ids = torch.tensor([slot.ids for slot in rows], device=self.device)
         self.target_latents = torch.cat([slot.target_latent for slot in rows])
         self.timestep_batch = torch.tensor([slot.timestep for slot in rows], device=self.device)
         alphas = self.alphas_cumprod[self.timestep_batch].view(-1, 1, 1, 1)
         self.signal, self.noise_scale = alphas.sqrt(), (1 - alphas).sqrt()
-        self.padding = len(rows) - len(self.slots)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -428,26 +431,23 @@ class _BatchedOptimization(FixedShapeBatch):
             # one categorical draw per position: inverse CDF with each case's own generator
             uniforms = torch.stack([torch.rand(k, generator=s.generator, device=self.device) for s in slots])
             sampled = sample_tokens(probabilities.view(-1, self.vocab), uniforms.view(-1)).view(len(slots), k)
-            noise = torch.cat([
+            # the rows of the model call, by place (see _restack)
+            sampled = self.padded_rows(list(sampled.split(1)))
+            noise = self.padded_rows([
                 torch.randn(s.target_latent.shape, generator=s.generator, device=self.device, dtype=torch.float32)
                 for s in slots
             ])
-            if self.padding:  # the free places of the batch (see _restack): the first case's tokens and noise
-                sampled = torch.cat([sampled, sampled[:1].expand(self.padding, -1)])
-                noise = torch.cat([noise, noise[:1].expand(self.padding, *noise.shape[1:])])
         autocast = (torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            rows = probabilities  # plus rows for the free places, outside the gradient (only at a gate's end)
-            if self.padding:
-                rows = torch.cat([probabilities, probabilities[:1].detach().expand(self.padding, -1, -1)])
+            rows = self.padded_rows(list(probabilities.split(1)))  # a free place's row: outside the gradient
             self.injector.embeddings = _straight_through_lookup().apply(rows, sampled, self.table)
             hidden = self.pipeline.text_encoder(self.ids)[0]
             self.injector.embeddings = None
             noisy = (self.signal * self.target_latents + self.noise_scale * noise).to(self.unet_dtype)
             prediction = self.unet(noisy, self.timestep_batch, encoder_hidden_states=hidden).sample.float()
         wanted = self.signal * noise - self.noise_scale * self.target_latents if self.v_prediction else noise
-        losses = (prediction - wanted).pow(2).mean(dim=(1, 2, 3))[: len(slots)]  # one MSE per case
+        losses = self.per_case((prediction - wanted).pow(2).mean(dim=(1, 2, 3)))  # one MSE per case
         losses.sum().backward()  # the sum keeps each case's gradient its own
         with torch.no_grad():
             grad = probabilities.grad.clamp_(-config.grad_clip, config.grad_clip)
@@ -479,7 +479,8 @@ class _BatchedOptimization(FixedShapeBatch):
             layout = slot.job.context.layout
             requests.append((slot.job.context.check, layout.sequence(slot.job.prompt.content_ids, candidate)))
             waiting.append((i, candidate))
-        for (i, candidate), (verdict, image) in zip(waiting, Checker.check_many(requests, rows=self.batch_size)):
+        checked = Checker.check_many(requests, rows=self.batch_size, places=[self.slots[i].place for i, _ in waiting])
+        for (i, candidate), (verdict, image) in zip(waiting, checked):
             slot = self.slots[i]
             outcome = slot.outcome
             outcome.checks.append(CandidateCheck(outcome.steps, slot.timestep, candidate, rendered=True, hit=verdict.hit,
