@@ -57,7 +57,9 @@ class RandomTokens:
         return self.config.n_tokens
 
     def config_dict(self) -> dict[str, Any]:
-        return {**asdict(self.config), "version": 3}  # 3: tries rendered in blocks; 2: its own config
+        # 4: each image of a block decoded alone (a batched decode rounds rows by where they sit);
+        # 3: tries rendered in blocks; 2: its own config
+        return {**asdict(self.config), "version": 4}
 
     def run_many(self, jobs: Iterable[AttackJob], batch_size: int | None = None, on_step: StepCallback | None = None,
                  compile_unet: bool = False, case_count: int | None = None) -> Iterator[tuple[AttackJob, AttackOutcome]]:
