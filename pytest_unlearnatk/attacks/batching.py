@@ -3,7 +3,7 @@ concept inversion share.
 
 A batch holds up to ``batch_size`` cases, one per place. Every step the attack runs its models
 once for all of them, at the batch's full shape, each case in the row of its place: a free place
-(only at a gate's end) holds a copy of another case, whose output is dropped. A case's row is fixed
+(one with no case left, towards a gate's end) holds a copy of another case, whose output is dropped. A case's row is fixed
 by the case, not by the run: case ``index`` of the gate always runs at place ``index % batch_size``
 (places take their cases in order). Rows must be fixed because CPU kernels do not compute every
 row alike: a small matrix product's last rows go through another inner loop than its first, and
