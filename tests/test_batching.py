@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
+from pytest_unlearnatk import UnlearnAtkError
 from pytest_unlearnatk.attacks.base import AttackJob, AttackOutcome
 from pytest_unlearnatk.attacks.batching import FixedShapeBatch
 from pytest_unlearnatk.cases import Case
@@ -81,3 +84,10 @@ def test_places_take_their_cases_in_order_and_jobs_are_read_only_as_far_as_neede
 def test_jobs_without_an_index_take_places_in_the_order_they_arrive():
     _, steps = _run([0, 1, 2, 3], batch_size=2, indexed=False)
     assert _places(steps) == {0: {0}, 1: {1}, 2: {0}, 3: {1}}
+
+
+def test_a_job_index_that_is_not_a_whole_number_is_a_clear_error():
+    for bad in (-1, 1.5, "3"):
+        jobs = iter([AttackJob(Case(case_id="7", prompt="p"), None, CONTEXT, index=bad)])
+        with pytest.raises(UnlearnAtkError, match=r"job index .* \(case 7\): it must be .* whole number >= 0"):
+            list(RowRecorder(jobs, 2).run())

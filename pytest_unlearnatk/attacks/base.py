@@ -89,30 +89,32 @@ def render_in_blocks(requests: list[tuple[Checker, list[int]]], rows: int,
         groups.setdefault((id(checker.renderer), float(checker.case.guidance)), []).append(index)
     images: list[Any] = [None] * len(requests)
     for indices in groups.values():
-        for chunk, padded in _layouts(indices, rows, places):
+        for padded, row_of in _layouts(indices, rows, places):
             cases = [requests[i][0].case for i in padded]
             start = time.perf_counter()
             with around(padded) if around is not None else contextlib.nullcontext():
-                rendered = requests[chunk[0]][0].renderer.render_many(
+                rendered = requests[padded[0]][0].renderer.render_many(
                     [requests[i][1] for i in padded], [case.seed for case in cases], [case.guidance for case in cases])
-            share = (time.perf_counter() - start) / len(chunk)
-            for i in chunk:
+            share = (time.perf_counter() - start) / len(row_of)
+            for i, row in row_of.items():
                 checker = requests[i][0]
-                images[i] = rendered[padded.index(i) if places is None else places[i]]
+                images[i] = rendered[row]
                 checker.renders += 1
                 checker.render_seconds += share
     return images
 
 
-def _layouts(indices: list[int], rows: int, places: list[int] | None) -> list[tuple[list[int], list[int]]]:
-    """The renders of one group of requests: (the requests it renders, the request in each row)."""
+def _layouts(indices: list[int], rows: int, places: list[int] | None) -> list[tuple[list[int], dict[int, int]]]:
+    """The renders of one group of requests: (the request in each row, padding included; the row
+    of each request it renders)."""
     if places is None:
         chunks = [indices[first:first + rows] for first in range(0, len(indices), rows)]
-        return [(chunk, chunk + [chunk[-1]] * (rows - len(chunk))) for chunk in chunks]
-    by_row = {places[i]: i for i in indices}
-    if len(by_row) < len(indices) or not all(0 <= row < rows for row in by_row):
-        raise ValueError(f"places {[places[i] for i in indices]} for a render of {rows} rows")
-    return [(indices, [by_row.get(row, indices[0]) for row in range(rows)])]
+        return [(chunk + [chunk[-1]] * (rows - len(chunk)), {i: row for row, i in enumerate(chunk)}) for chunk in chunks]
+    row_of = {i: places[i] for i in indices}
+    if len(set(row_of.values())) < len(indices) or not all(0 <= row < rows for row in row_of.values()):
+        raise ValueError(f"places {list(row_of.values())} for a render of {rows} rows")
+    by_row = {row: i for i, row in row_of.items()}
+    return [([by_row.get(row, indices[0]) for row in range(rows)], row_of)]
 
 
 def judge_one(judge: Judge, image: Any) -> Verdict:

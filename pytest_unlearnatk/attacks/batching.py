@@ -3,8 +3,8 @@ concept inversion share.
 
 A batch holds up to ``batch_size`` cases, one per place. Every step the attack runs its models
 once for all of them, at the batch's full shape, each case in the row of its place: a free place
-(one with no case left, towards a gate's end) holds a copy of another case, whose output is dropped. A case's row is fixed
-by the case, not by the run: case ``index`` of the gate always runs at place ``index % batch_size``
+(one with no case left, towards a gate's end) holds a copy of another case, whose output is
+dropped. A case's row is fixed by the case, not by the run: case ``index`` of the gate always runs at place ``index % batch_size``
 (places take their cases in order). Rows must be fixed because CPU kernels do not compute every
 row alike: a small matrix product's last rows go through another inner loop than its first, and
 round differently (measured: a batch of six equal rows out of one ``Linear`` differs by 2e-7
@@ -135,11 +135,12 @@ class FixedShapeBatch:
 
     # --- rows of a model call, by place -------------------------------------------------------
 
-    def padded(self, items: list[Any]) -> list[Any]:
+    def padded(self, items: list[Any], filler: Any = None) -> list[Any]:
         """``items`` (one per case, in the order of ``self.slots``) as the rows of a model call:
-        row ``p`` holds the item of the case at place ``p``; a free place a copy of the first."""
+        row ``p`` holds the item of the case at place ``p``; a free place ``filler``, by default
+        the first item."""
         by_place = {slot.place: item for slot, item in zip(self.slots, items)}
-        return [by_place.get(place, items[0]) for place in range(self.batch_size)]
+        return [by_place.get(place, items[0] if filler is None else filler) for place in range(self.batch_size)]
 
     def padded_rows(self, pieces: list[Any]) -> Any:
         """Tensors (one per case, in the order of ``self.slots``) concatenated as the rows of a
@@ -147,9 +148,7 @@ class FixedShapeBatch:
         from a dropped row."""
         import torch
 
-        filler = pieces[0].detach()
-        by_place = {slot.place: piece for slot, piece in zip(self.slots, pieces)}
-        return torch.cat([by_place.get(place, filler) for place in range(self.batch_size)])
+        return torch.cat(self.padded(pieces, filler=pieces[0].detach()))
 
     def per_case(self, rows: Any) -> Any:
         """A model call's rows (by place) back in the order of ``self.slots``; free places dropped."""
@@ -168,6 +167,9 @@ class FixedShapeBatch:
         elif job.context.model.pipeline is not self.pipeline:
             raise UnlearnAtkError("all cases of one batch must attack the same model")
         index = self.jobs_read if job.index is None else job.index
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise UnlearnAtkError(f"job index {job.index!r} (case {job.case.case_id}): it must be the case's "
+                                  "index in the list of cases, a whole number >= 0, or None")
         self.jobs_read += 1
         self.waiting[index % self.batch_size].append(job)
         return True

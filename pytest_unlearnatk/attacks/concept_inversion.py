@@ -20,8 +20,9 @@ at once, each step one text-encoder and one UNet call for all of them at the bat
 each case in the row of its place (free places padded with copies of a live case, whose outputs are
 dropped), one MSE per row, summed for the backward pass so each case's gradient is its own. The
 checks of the cases whose check point came at this step are rendered together in one batch of
-exactly ``batch_size`` images, each in the row of its place with its own case's embedding injected (the renderer encodes only the conditional rows; its
-negative embedding is computed once, alone), then judged one by one. Each case keeps its own
+exactly ``batch_size`` images, each in the row of its place with its own case's embedding injected
+(the renderer encodes only the conditional rows; its negative embedding is computed once, alone),
+then judged one by one. Each case keeps its own
 generator (each step's timestep, then its noise), embedding, AdamW state and check schedule, so
 its embedding and verdict do not depend on which cases share its batch (tests/test_attacks_more.py).
 """
