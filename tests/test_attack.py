@@ -521,3 +521,33 @@ def test_batch_size_auto_and_its_errors(monkeypatch):
     for bad in (0, -2, 2.5, "eight", True):
         with pytest.raises(UnlearnAtkError, match="batch size"):
             resolve_batch_size(bad, "cpu")
+
+
+def test_lms_renders_keep_each_coefficient_and_give_the_stock_scheduler_images(tiny_model):
+    """The renderer's LMS scheduler computes each multistep coefficient once (diffusers integrates
+    every one at every step of every render); the images are those of diffusers' own scheduler,
+    bit for bit, also when the same scheduler renders with another step count."""
+    from dataclasses import replace
+
+    from diffusers import LMSDiscreteScheduler
+
+    from pytest_unlearnatk.render import LMS_SPACING
+
+    layout = TokenLayout.from_pipeline(tiny_model.pipeline)
+    ids = layout.sequence(tiny_model.pipeline.tokenizer(CASES[0]["prompt"], add_special_tokens=False).input_ids)
+    renderer = Renderer(tiny_model.pipeline, RenderSettings(steps=6))
+    cached_pipeline = renderer.pipeline
+    stock = LMSDiscreteScheduler.from_config(tiny_model.pipeline.scheduler.config, **LMS_SPACING)
+    stock_pipeline = type(cached_pipeline)(**{**cached_pipeline.components, "scheduler": stock},
+                                           requires_safety_checker=False)
+    stock_pipeline.set_progress_bar_config(disable=True)
+    for steps in (6, 4, 6):
+        renderer.settings = replace(renderer.settings, steps=steps)
+        renderer.pipeline = cached_pipeline
+        image = np.asarray(renderer.render(ids, 11, 7.5))
+        kept = dict(cached_pipeline.scheduler._coefficients)
+        assert len(kept) == sum(min(i + 1, 4) for i in range(steps))  # one per (step, order) pair
+        assert np.array_equal(np.asarray(renderer.render(ids, 11, 7.5)), image)
+        assert cached_pipeline.scheduler._coefficients == kept  # the second render computed none again
+        renderer.pipeline = stock_pipeline
+        assert np.array_equal(np.asarray(renderer.render(ids, 11, 7.5)), image)
