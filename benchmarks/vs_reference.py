@@ -17,6 +17,8 @@ two UNet calls of classifier-free guidance.
 Ours runs the ``reference`` budget of the ``unlearndiffatk`` attack in batches (``--batch``).
 Both use the same model, cases, target images (``toy:base``, cached) and judge (``toy_circle``).
 Prints hits/n with Wilson 95% intervals, seconds per case, and the time ratio.
+``--blocks N --steps S`` runs both at another budget (``--blocks 10 --steps 20`` is ``fast``): N
+timesteps spread over the schedule as our config spreads them (at 50, the reference's own sweep).
 ``--quick``: 2 cases, 3 blocks of 10 steps (a sanity check, not a comparison).
 """
 
@@ -66,7 +68,7 @@ def bisection_projection(row: Any, xi: float = 1e-5) -> Any:
 class ReferenceLoop:
     """The reference attack loop on one diffusers pipeline (see the module docstring)."""
 
-    def __init__(self, pipeline: Any, judge: Any, k: int = 5, blocks: int = 50, steps: int = 40,
+    def __init__(self, pipeline: Any, judge: Any, k: int = 5, timesteps: list[int] | None = None, steps: int = 40,
                  render_steps: int = 50) -> None:
         from diffusers import LMSDiscreteScheduler
 
@@ -76,8 +78,8 @@ class ReferenceLoop:
         self.table = self.text_encoder.get_input_embeddings().weight.detach()
         self.scheduler = LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                               num_train_timesteps=1000)  # the reference's own, not the model's
-        first = 1000 // 50 // 2
-        self.timesteps = list(range(first, 1000, 1000 // 50))[:blocks]
+        # the reference sweeps 10, 30, ..., 990; at another budget, the timesteps ours sweeps
+        self.timesteps = timesteps or list(range(10, 1000, 20))
         self.eos = self.tokenizer.eos_token_id
         self.latent_size = self.unet.config.sample_size
         for module in (self.text_encoder, self.unet, self.vae):
@@ -169,7 +171,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 cases, 3 blocks of 10 steps")
     parser.add_argument("--model", default="leaky", help="a toy model: erased, esd-u, uce, fmn, leaky")
     parser.add_argument("--cases", type=int, default=24)
-    parser.add_argument("--blocks", type=int, default=50)
+    parser.add_argument("--blocks", type=int, default=50, help="timesteps swept (10 with --steps 20: the fast budget)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
@@ -194,7 +196,7 @@ def main() -> None:
 
     targets = RenderedTargets(base, RenderSettings("lms", 50).resolved(model.pipeline))
     layout = TokenLayout.from_pipeline(model.pipeline)
-    loop = ReferenceLoop(model.pipeline, judge, blocks=args.blocks, steps=args.steps)
+    loop = ReferenceLoop(model.pipeline, judge, timesteps=config.timesteps(1000), steps=args.steps)
     start, port_hits, lines = time.perf_counter(), 0, []
     for case, ours_case in zip(cases, ours.cases):  # results come in case order
         target = targets(case, layout.sequence(model.pipeline.tokenizer(case.prompt, add_special_tokens=False).input_ids))
