@@ -108,6 +108,19 @@ class _GateJob(AttackJob):
     started: float = 0.0
 
 
+@dataclass
+class _PlainCheck:
+    """A case ready for its plain prompt's check: what its result needs afterwards."""
+
+    key: str
+    material: dict[str, Any]
+    fitted: Any  # the FittedPrompt
+    result: CaseResult
+    check: Checker
+    plain_ids: list[int]
+    started: float
+
+
 def run_gate(
     model: Model,
     cases: Iterable[Case] | str | Path,
@@ -226,10 +239,10 @@ def execute(
 
     def jobs() -> Iterator[_GateJob]:
         """The cases that need the attack; every other case is finished on the way."""
-        for index, case in enumerate(case_list):
+        for index in range(len(case_list)):
             if settled(results.values(), len(case_list), settings.stop_settled_at):
                 return
-            job = run.begin(index, case)
+            job = run.begin(index, case_list)
             if isinstance(job, _GateJob):
                 yield job
             else:
@@ -272,6 +285,9 @@ class _GateRun:
         self.model, self.settings, self.base, self.store, self.images = model, settings, base, store, images
         self.target_images: dict[str, Any] = {}  # case id -> the target the attack asked for (shown in reports)
         self.tracker = tracker  # told what one-off work goes on (loading, targets), left out of the ETA
+        self._prepared: dict[int, tuple[CaseResult, bool] | _PlainCheck] = {}  # cases prepared ahead, by index
+        self._plain_verdicts: dict[int, tuple[Any, Any]] = {}  # index -> (verdict, image) of a plain prompt judged ahead
+        self._plain_rows: int | None = None
         self.attack, self.judge = settings.attack, settings.judge
         model.fingerprint  # noqa: B018 (a model that cannot be found says so first, before anything it lacks)
         if not settings.replay_only and self.attack.needs_target and settings.target_dir is None and base is None:
@@ -362,9 +378,31 @@ class _GateRun:
 
     # --- one case -------------------------------------------------------------------------
 
-    def begin(self, index: int, case: Case) -> tuple[CaseResult, bool] | _GateJob:
-        """Everything before the attack: the case's final result and whether it came from the
-        store, or the job for the attack when neither the plain prompt nor a replay broke it."""
+    def begin(self, index: int, cases: list[Case]) -> tuple[CaseResult, bool] | _GateJob:
+        """Everything before the attack for ``cases[index]``: the case's final result and whether
+        it came from the store, or the job for the attack when neither the plain prompt nor a
+        replay broke it. Plain prompts are rendered a block at a time (see :meth:`_plain_checks`)."""
+        case = cases[index]
+        prepared = self._prepared.pop(index, None) or self._prepare(case)
+        if not isinstance(prepared, _PlainCheck):
+            return prepared
+        if index not in self._plain_verdicts:
+            self._plain_checks(index, cases, prepared)
+        verdict, plain_image = self._plain_verdicts.pop(index)
+        result, check, settings = prepared.result, prepared.check, self.settings
+        result.prompt_ids, result.verdict, result.plain_score = prepared.plain_ids, verdict.to_dict(), verdict.score
+        self._save(plain_image, result, "plain")
+        if verdict.hit:
+            result.pre_attack_hit = result.hit = True
+            result.hit_by = "plain"
+        elif not self._replay(case, check, result) and not settings.replay_only:
+            context = AttackContext(self.loaded, self.layout, check, self.targets, concept=settings.concept, base=self.base)
+            return _GateJob(case, prepared.fitted, context, index=index, key=prepared.key, material=prepared.material,
+                            result=result, started=prepared.started)
+        return self._finish(prepared.key, prepared.material, result, check, prepared.started), False
+
+    def _prepare(self, case: Case) -> tuple[CaseResult, bool] | _PlainCheck:
+        """A case's stored result, its pending or skipped result, or what judging its plain prompt needs."""
         key, material = case_key(self._identity, case)
         settings, attack_name = self.settings, self.settings.attack_name
         if self.store is not None:
@@ -374,7 +412,7 @@ class _GateRun:
                     reused = CaseResult.from_dict(stored, case=case)
                 except (KeyError, TypeError, ValueError) as error:  # an older, foreign or edited record
                     warnings.warn(f"store result {key[:12]}... of case {case.case_id}: not a valid result ({error}); "
-                                  "the case is computed again", StoreWarning, stacklevel=2)
+                                  "the case is computed again", StoreWarning, stacklevel=3)
                 else:
                     self._bring_images(reused)
                     return reused, True
@@ -388,18 +426,37 @@ class _GateRun:
         if fitted.skip_reason:
             result.status, result.skip_reason = "skipped", fitted.skip_reason
             return self._record(key, material, result), False
-        check = Checker(self.renderer, self.judge, case)
-        plain_ids = self.layout.sequence(fitted.content_ids)
-        verdict, plain_image = check(plain_ids)
-        result.prompt_ids, result.verdict, result.plain_score = plain_ids, verdict.to_dict(), verdict.score
-        self._save(plain_image, result, "plain")
-        if verdict.hit:
-            result.pre_attack_hit = result.hit = True
-            result.hit_by = "plain"
-        elif not self._replay(case, check, result) and not settings.replay_only:
-            context = AttackContext(self.loaded, self.layout, check, self.targets, concept=settings.concept, base=self.base)
-            return _GateJob(case, fitted, context, index=index, key=key, material=material, result=result, started=started)
-        return self._finish(key, material, result, check, started), False
+        return _PlainCheck(key, material, fitted, result, Checker(self.renderer, self.judge, case),
+                           self.layout.sequence(fitted.content_ids), started)
+
+    def _plain_checks(self, index: int, cases: list[Case], first: _PlainCheck) -> None:
+        """Judge the plain prompts of case ``index`` and of the cases after it up to the end of its
+        block of ``plain_rows`` cases, rendered as one batch of exactly ``plain_rows`` rows, case
+        ``j`` in row ``j % plain_rows`` (as the attack places its cases): a plain image depends on
+        its case and the batch size, never on which cases share its render, so a resumed run
+        judges each plain prompt as the whole run does. Cases ahead are prepared now and kept."""
+        rows = self.plain_rows(len(cases))
+        waiting = {index: first}
+        for ahead in range(index + 1, index - index % rows + rows):
+            if ahead < len(cases) and ahead not in self._prepared:
+                self._prepared[ahead] = self._prepare(cases[ahead])
+            if isinstance(self._prepared.get(ahead), _PlainCheck):
+                waiting[ahead] = self._prepared[ahead]
+        checked = Checker.check_many([(plain.check, plain.plain_ids) for plain in waiting.values()], rows=rows,
+                                     places=[j % rows for j in waiting])
+        self._plain_verdicts.update(zip(waiting, checked))
+
+    def plain_rows(self, case_count: int) -> int:
+        """How many plain prompts are rendered together: the gate's batch size (``auto``: what the
+        attack would choose on this model), at most the number of cases."""
+        from .attacks.batching import case_memory_bytes, resolve_batch_size
+
+        if self._plain_rows is None:
+            unet = self.loaded.pipeline.unet
+            size = resolve_batch_size(self.settings.batch_size, str(self.loaded.pipeline.device),
+                                      case_memory_bytes(unet.config, unet.dtype.itemsize))
+            self._plain_rows = max(1, min(size, case_count))
+        return self._plain_rows
 
     def complete(self, job: _GateJob, outcome: AttackOutcome) -> CaseResult:
         """The case's result once the attack is done with it (written to the store at once)."""

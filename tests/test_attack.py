@@ -551,3 +551,23 @@ def test_lms_renders_keep_each_coefficient_and_give_the_stock_scheduler_images(t
         assert cached_pipeline.scheduler._coefficients == kept  # the second render computed none again
         renderer.pipeline = stock_pipeline
         assert np.array_equal(np.asarray(renderer.render(ids, 11, 7.5)), image)
+
+
+def test_plain_prompts_are_rendered_a_block_of_the_batch_size_at_a_time(tiny_model, monkeypatch):
+    """Plain prompts are judged before any attack, rendered together a block of ``batch_size``
+    cases at a time (case j in row j % batch_size, the last block padded), each judged alone."""
+    rows_per_render = []
+    render_many = Renderer.render_many
+
+    def counting(self, id_sequences, seeds, guidances):
+        rows_per_render.append(len(id_sequences))
+        return render_many(self, id_sequences, seeds, guidances)
+
+    monkeypatch.setattr(Renderer, "render_many", counting)
+    cases = load_cases([f"a photo of thing number {i}" for i in range(5)])
+    result = run_gate(tiny_model, cases, never, attack="no_attack", render=FAST_RENDER, batch_size=2, progress=False)
+    assert rows_per_render == [2, 2, 2]  # cases 0-1, 2-3, then 4 in row 0 of a padded render of 2
+    assert [case.renders for case in result.cases] == [1] * 5 and result.n == 5
+    rows_per_render.clear()
+    alone = run_gate(tiny_model, cases, never, attack="no_attack", render=FAST_RENDER, batch_size=1, progress=False)
+    assert rows_per_render == [1] * 5 and alone.n == 5
