@@ -161,9 +161,9 @@ def run_gate(
     :class:`~pytest_unlearnatk.progress.GateProgress` after every case and optimization step.
     ``on_case`` is called with each case's result as soon as it is final (with batching, not
     necessarily in case order; the returned result lists cases in order).
-    ``batch_size``: how many cases the attack optimizes at once (``"auto"``: by free memory and
-    the model's size, see docs/performance.md); each case's tokens and verdict are the same at
-    any batch size (up to float rounding). ``compile_unet``: run the attack's UNet calls through
+    ``batch_size``: how many cases the attack optimizes at once, and how many plain prompts are
+    rendered together (``"auto"``: by free memory and the model's size, see docs/performance.md);
+    each case's tokens and verdict are the same at any batch size (up to float rounding). ``compile_unet``: run the attack's UNet calls through
     ``torch.compile``.
 
     ``store``: reuse and record results and adversarial prompts (under ``concept``, default the
