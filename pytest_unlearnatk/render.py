@@ -67,10 +67,10 @@ def _lms_with_cached_coefficients() -> type:
     """diffusers' ``LMSDiscreteScheduler``, with each linear-multistep coefficient computed once.
 
     diffusers integrates every coefficient numerically (``scipy.integrate.quad``) at every step of
-    every render: about 0.15 s of Python per 50-step render, as much as 16% of rendering one
-    image on the toy world. A coefficient depends only on the step, the orders and the sigmas, and
-    the sigmas are the same for every render of one scheduler's settings, so it is computed once
-    and kept: the same float, the same images (tests/test_render.py checks it).
+    every render (a toy LMS-50 image alone: 0.92 s with it, 0.70 s without; docs/performance.md).
+    A coefficient depends only on the step, the orders and the sigmas, and the sigmas are the
+    same for every render of one scheduler's settings, so it is computed once and kept: the same
+    float, the same images (tests/test_attack.py checks it).
     """
     from diffusers import LMSDiscreteScheduler
 
