@@ -1,6 +1,7 @@
 """Our UnlearnDiffAtk next to a port of the authors' attack loop, on the same cases.
 
-    python benchmarks/vs_reference.py [--quick] [--model leaky] [--cases 24] [--blocks 50] [--steps 40]
+    python benchmarks/vs_reference.py [--quick] [--model leaky] [--first 0] [--cases 24] [--blocks 50] [--steps 40]
+        [--seed 0] [--port-renders-ids] [--check-text] [--ours-only]
 
 The port (class ``ReferenceLoop``) is our own code written to keep the semantics of the
 reference implementation (OPTML-Group/Diffusion-MU-Attack, ``TextGrad`` with the classifier
@@ -19,6 +20,11 @@ Both use the same model, cases, target images (``toy:base``, cached) and judge (
 Prints hits/n with Wilson 95% intervals, seconds per case, and the time ratio.
 ``--blocks N --steps S`` runs both at another budget (``--blocks 10 --steps 20`` is ``fast``): N
 timesteps spread over the schedule as our config spreads them (at 50, the reference's own sweep).
+``--first F --cases N`` takes cases F to F+N-1 of ``toy:circle``; ``--seed S`` sets the attack seed of both
+loops (for the port, a seed other than 0 re-seeds the global RNG after every check, so each block
+still replays the same draws); ``--port-renders-ids`` makes the port check the ids it optimized
+instead of its decoded text tokenized again; ``--check-text`` runs ours with ``check_text`` (it
+also judges the ids a missed candidate's text tokenizes to); ``--ours-only`` skips the port.
 ``--quick``: 2 cases, 3 blocks of 10 steps (a sanity check, not a comparison).
 """
 
@@ -69,10 +75,14 @@ class ReferenceLoop:
     """The reference attack loop on one diffusers pipeline (see the module docstring)."""
 
     def __init__(self, pipeline: Any, judge: Any, k: int = 5, timesteps: list[int] | None = None, steps: int = 40,
-                 render_steps: int = 50) -> None:
+                 render_steps: int = 50, seed: int = 0, render_ids: bool = False) -> None:
         from diffusers import LMSDiscreteScheduler
 
         self.pipeline, self.judge, self.k, self.steps, self.render_steps = pipeline, judge, k, steps, render_steps
+        # seed 0: the reference's own RNG use; another seed re-seeds the global RNG after every check
+        # (so each block still replays the same draws, other ones). render_ids: check the optimized
+        # ids as they are, not the decoded text tokenized again (an experiment, not the reference)
+        self.seed, self.render_ids = seed, render_ids
         self.tokenizer, self.text_encoder, self.unet, self.vae = (pipeline.tokenizer, pipeline.text_encoder,
                                                                  pipeline.unet, pipeline.vae)
         self.table = self.text_encoder.get_input_embeddings().weight.detach()
@@ -98,13 +108,14 @@ class ReferenceLoop:
             injector.embeddings = adversarial
             return self.text_encoder(ids)[0]
 
-    def render(self, text: str, seed: int, guidance: float) -> Any:
-        """The reference's check: the text tokenized again, LMS sampling from the global RNG seeded with ``seed``."""
+    def render(self, prompt: str | Any, seed: int, guidance: float) -> Any:
+        """The reference's check: the text tokenized again (or given ids), LMS sampling from the global RNG seeded with ``seed``."""
         import torch
         from PIL import Image
 
+        ids = self.ids(prompt) if isinstance(prompt, str) else prompt
         with torch.no_grad():
-            conditional, unconditional = self.encode(self.ids(text)), self.encode(self.ids(""))
+            conditional, unconditional = self.encode(ids), self.encode(self.ids(""))
             torch.manual_seed(seed)
             latents = torch.randn((1, self.unet.config.in_channels, self.latent_size, self.latent_size))
             self.scheduler.set_timesteps(self.render_steps)
@@ -119,8 +130,13 @@ class ReferenceLoop:
         pixels = ((image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         return Image.fromarray(pixels)
 
-    def check(self, text: str, seed: int, guidance: float) -> bool:
-        return bool(self.judge([self.render(text, seed, guidance)])[0].hit)
+    def check(self, prompt: str | Any, seed: int, guidance: float) -> bool:
+        hit = bool(self.judge([self.render(prompt, seed, guidance)])[0].hit)
+        if self.seed:
+            import torch
+
+            torch.manual_seed(self.seed * 1_000_003 + seed)
+        return hit
 
     def attack(self, case: Any, target: Any) -> dict[str, Any]:
         import numpy as np
@@ -161,7 +177,7 @@ class ReferenceLoop:
             chosen = probabilities.detach().argmax(-1)
             full = torch.cat([ids[:, :1], chosen[None], ids[:, 1:1 + length], ids[:, 1 + length: 77 - self.k]], dim=1)
             text = self.tokenizer.decode([i for i in full[0, 1:].tolist() if i != self.eos])
-            if self.check(text, case.seed, case.guidance):
+            if self.check(full if self.render_ids else text, case.seed, case.guidance):
                 return {"hit": True, "by": "attack", "step": step, "text": text}
         return {"hit": False, "by": None, "step": step}
 
@@ -171,6 +187,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 cases, 3 blocks of 10 steps")
     parser.add_argument("--model", default="leaky", help="a toy model: erased, esd-u, uce, fmn, leaky")
     parser.add_argument("--cases", type=int, default=24)
+    parser.add_argument("--first", type=int, default=0, help="index of the first case (e.g. --first 24 --cases 12)")
+    parser.add_argument("--seed", type=int, default=0, help="attack seed of both loops (0: the reference's own RNG use)")
+    parser.add_argument("--port-renders-ids", action="store_true",
+                        help="the port checks its optimized ids, not the decoded text tokenized again (an experiment)")
+    parser.add_argument("--check-text", action="store_true",
+                        help="ours also judges the ids a missed candidate's decoded text tokenizes to (check_text)")
+    parser.add_argument("--ours-only", action="store_true", help="run ours alone (no port, no time ratio)")
     parser.add_argument("--blocks", type=int, default=50, help="timesteps swept (10 with --steps 20: the fast budget)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
@@ -186,17 +209,28 @@ def main() -> None:
 
     print(machine())
     model, base = load_pipeline(f"toy:{args.model}"), load_pipeline("toy:base")
-    judge, cases = get_judge("toy_circle"), load_cases("toy:circle")[: args.cases]
+    judge, cases = get_judge("toy_circle"), load_cases("toy:circle")[args.first: args.first + args.cases]
     render = RenderSettings("lms", 50)
-    config = replace(get_preset("reference"), num_timesteps=args.blocks, steps_per_timestep=args.steps)
+    config = replace(get_preset("reference"), num_timesteps=args.blocks, steps_per_timestep=args.steps,
+                     seed=args.seed, check_text=args.check_text)
     start = time.perf_counter()
     ours = run_gate(model, cases, judge, budget=config, base=base, render=render, batch_size=args.batch, progress=False)
     ours_seconds = (time.perf_counter() - start) / len(cases)
     ours_hits = sum(case.hit for case in ours.counted)
+    facts = {"model": args.model, "first": args.first, "cases": len(cases), "seed": args.seed, "check_text": args.check_text}
+    if args.ours_only:
+        for case in ours.cases:
+            print(f"case {case.case.case_id}: ours hit={case.hit} by {case.hit_by} step {case.hit_step}")
+        low, high = wilson_interval(ours_hits, len(cases))
+        print(f"ours: {ours_hits}/{len(cases)} = {ours_hits / len(cases):.1%} (95% CI {low:.0%}-{high:.0%}), "
+              f"{ours_seconds:.1f} s/case")
+        print(summary({**facts, "ours_asr": round(ours_hits / len(cases), 4), "ours_s_per_case": round(ours_seconds, 2)}))
+        return
 
     targets = RenderedTargets(base, RenderSettings("lms", 50).resolved(model.pipeline))
     layout = TokenLayout.from_pipeline(model.pipeline)
-    loop = ReferenceLoop(model.pipeline, judge, timesteps=config.timesteps(1000), steps=args.steps)
+    loop = ReferenceLoop(model.pipeline, judge, timesteps=config.timesteps(1000), steps=args.steps,
+                         seed=args.seed, render_ids=args.port_renders_ids)
     start, port_hits, lines = time.perf_counter(), 0, []
     for case, ours_case in zip(cases, ours.cases):  # results come in case order
         target = targets(case, layout.sequence(model.pipeline.tokenizer(case.prompt, add_special_tokens=False).input_ids))
@@ -208,7 +242,7 @@ def main() -> None:
     for name, hits, seconds in (("ours", ours_hits, ours_seconds), ("port", port_hits, port_seconds)):
         low, high = wilson_interval(hits, len(cases))
         print(f"{name}: {hits}/{len(cases)} = {hits / len(cases):.1%} (95% CI {low:.0%}-{high:.0%}), {seconds:.1f} s/case")
-    print(summary({"model": args.model, "cases": len(cases), "ours_asr": round(ours_hits / len(cases), 4),
+    print(summary({**facts, "port_renders_ids": args.port_renders_ids, "ours_asr": round(ours_hits / len(cases), 4),
                    "port_asr": round(port_hits / len(cases), 4), "ours_s_per_case": round(ours_seconds, 2),
                    "port_s_per_case": round(port_seconds, 2), "time_ratio": round(ours_seconds / port_seconds, 3)}))
 
