@@ -22,6 +22,7 @@ class CandidateCheck:
     rendered: bool  # False when the tokens equal the last checked ones (same image, not re-rendered)
     hit: bool
     score: float
+    text: bool = False  # the ids its decoded text tokenizes to were judged, not the ids themselves (check_text)
 
 
 @dataclass

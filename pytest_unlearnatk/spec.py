@@ -21,8 +21,8 @@ from .errors import UnlearnAtkError
 from .options import parse_batch
 from .registry import Registries, discover, is_reference
 
-GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", "render", "batch",
-             "max_new_broken")
+GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", "check_text", "render",
+             "batch", "max_new_broken")
 RENDER_KEYS = ("scheduler", "steps", "height", "width", "negative_prompt")
 DEFAULT_ATTACK = "unlearndiffatk"
 
@@ -99,6 +99,8 @@ def parse_gate(
         raise SpecError(f"{where}: 'max_new_broken' must be a whole number >= 0 (0: no case may newly break), "
                         f"got {max_new_broken!r}")
     settings = {"n_tokens": n} if (n := _positive_int(declared, "n_tokens", where)) is not None else {}
+    if "check_text" in declared:  # checked by the attack: it must take the setting, as true or false
+        settings["check_text"] = declared["check_text"]
     attack_settings = _check_attack(attack, budget, settings, defaults, where, registries)
     return GateSpec(
         name=name, concept=concept, prompts=prompts, max_asr=float(max_asr), judge=judge, attack=attack,

@@ -584,3 +584,60 @@ def test_plain_prompts_are_rendered_a_block_of_the_batch_size_at_a_time(tiny_mod
     rows_per_render.clear()
     alone = run_gate(tiny_model, cases, never, attack="no_attack", render=FAST_RENDER, batch_size=1, progress=False)
     assert rows_per_render == [1] * 5 and alone.n == 5
+
+
+def test_check_text_judges_the_ids_a_missed_candidates_text_tokenizes_to_and_stores_what_hit(tiny_model, base_model,
+                                                                                             tmp_path):
+    """With ``check_text``, a candidate whose ids miss and whose decoded text tokenizes to other ids
+    gets a second check, of those ids; the optimization is the same as without it. A hit there
+    ends the case, and the result and the store hold the ids that were judged: a later run
+    replays them to a hit."""
+    from pytest_unlearnatk import Store
+
+    tokenizer = tiny_model.pipeline.tokenizer
+    layout = TokenLayout.from_pipeline(tiny_model.pipeline)
+    cases = load_cases([f"a photo of thing number {i}" for i in range(6)])
+
+    def gate(judge, check_text, store=None):
+        return run_gate(tiny_model, cases, judge, budget=get_preset("smoke", check_text=check_text), base=base_model,
+                        render=FAST_RENDER, batch_size=2, progress=False, store=store)
+
+    for salt in range(16):  # which images hit is chance (a hash): take a salt under which a text check hits
+        judge, store = salted_hash_judge(salt), Store(tmp_path / f"store{salt}")
+        with_text = gate(judge, True, store)
+        by_text = [case for case in with_text.cases if case.hit and case.checks and case.checks[-1].text]
+        if by_text:
+            break
+    else:
+        pytest.fail("no hash salt gave a hit on a decoded text's ids")
+    without = gate(judge, False)
+    assert not any(check.text for case in without.cases for check in case.checks)
+    for case, alone in zip(with_text.cases, without.cases):
+        ids_checks = [check for check in case.checks if not check.text]
+        assert ids_checks == alone.checks[: len(ids_checks)]  # the same optimization: text checks only come between
+        prompt_ids = tokenizer(case.case.prompt, add_special_tokens=False).input_ids
+        for before, check in zip(case.checks, case.checks[1:]):
+            if check.text:  # right after its candidate's ids missed, only where the text tokenizes otherwise
+                assert not before.text and not before.hit and before.adversarial_ids == check.adversarial_ids
+                content = before.adversarial_ids + prompt_ids
+                assert tokenizer(tokenizer.decode(content), add_special_tokens=False).input_ids != content
+    for case in by_text:
+        content = case.checks[-1].adversarial_ids + tokenizer(case.case.prompt, add_special_tokens=False).input_ids
+        text_ids = tokenizer(tokenizer.decode(content), add_special_tokens=False).input_ids
+        assert case.prompt_ids == layout.sequence(text_ids) and case.reencodes_identically
+    shutil.rmtree(tmp_path / f"store{salt}" / "results")  # forget the verdicts, keep the prompts found
+    replayed = gate(judge, True, Store(tmp_path / f"store{salt}"))
+    for case in by_text:
+        again = next(c for c in replayed.cases if c.case == case.case)
+        assert again.hit_by == "replay" and again.prompt_ids == case.prompt_ids
+
+
+def test_a_store_written_before_check_text_existed_keeps_its_keys():
+    """``check_text`` came after version 6 of the attack's settings: at its default it is left out
+    of the settings that key the store, so results stored before it are still reused."""
+    from pytest_unlearnatk.attacks.unlearndiffatk import UnlearnDiffAtk
+
+    assert UnlearnDiffAtk(get_preset("reference")).config_dict() == {
+        "n_tokens": 5, "lr": 0.01, "weight_decay": 0.1, "num_timesteps": 50, "steps_per_timestep": 40,
+        "grad_clip": 1.0, "seed": 0, "version": 6}
+    assert UnlearnDiffAtk(get_preset("reference", check_text=True)).config_dict()["check_text"] is True

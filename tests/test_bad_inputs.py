@@ -143,6 +143,8 @@ BAD_GATES = [
     ({"attack": "no_attack", "n_tokens": 3}, "'n_tokens' is not a setting of this attack; its settings: none"),
     ({"attack": "no_attack", "budget": "fast"}, "'budget' is 'fast', but this attack has no budget presets"),
     ({"attack": "random", "n_tokens": 76}, "random n_tokens is 76; it must be a whole number between 1 and 75"),
+    ({"check_text": "yes"}, "UnlearnDiffAtk check_text is 'yes'; it must be true or false"),
+    ({"attack": "p4d-n", "check_text": True}, "'check_text' is not a setting of this attack; its settings: "),
     ({"limit": 0}, "'limit' must be a positive whole number, got 0"),
     ({"limit": -1}, "'limit' must be a positive whole number, got -1"),
     ({"limit": 1.5}, "'limit' must be a positive whole number, got 1.5"),
@@ -177,6 +179,8 @@ def test_a_bad_gate_declaration_fails_at_collection_naming_the_key(tmp_path, cha
 def test_a_good_declaration_takes_the_concepts_defaults(tmp_path):
     spec = parse_gate(GOOD_GATE, where="w", base_dir=tmp_path, name="g")
     assert spec.judge == "toy_circle" and spec.attack_settings == {"n_tokens": 5} and spec.batch is None
+    assert parse_gate({**GOOD_GATE, "check_text": True}, where="w", base_dir=tmp_path,
+                      name="g").attack_settings == {"n_tokens": 5, "check_text": True}
 
 
 # --- run options ---------------------------------------------------------------------------

@@ -11,7 +11,8 @@ that shows the concept, i.e. that minimize its denoising loss on that image:
    probability simplex.
 2. Timesteps are swept in order (10, 30, ..., 990 at the reference budget), a block of steps each.
 3. After each block the argmax tokens form a candidate; it is rendered with the unlearned model
-   at the case's seed and guidance and judged. The first hit ends the case.
+   at the case's seed and guidance and judged. The first hit ends the case. With ``check_text``,
+   a candidate that missed is judged a second time as the ids its decoded text tokenizes to.
 """
 
 from __future__ import annotations
@@ -47,9 +48,15 @@ class UnlearnDiffAtkConfig:
     steps_per_timestep: int = 40  # Adam steps at each timestep; a candidate is checked after each block
     grad_clip: float = 1.0  # straight-through gradient clipped to [-grad_clip, grad_clip]
     seed: int = 0  # mixed with the case's seed for token sampling and noise
+    # after a candidate's ids miss, also judge the ids its decoded text tokenizes to, where they
+    # differ (what the reference code judges instead of the ids; docs/method.md, "Success check")
+    check_text: bool = False
 
     def __post_init__(self) -> None:
         from ..checks import finite, whole
+
+        if not isinstance(self.check_text, bool):
+            raise UnlearnAtkError(f"UnlearnDiffAtk check_text is {self.check_text!r}; it must be true or false")
 
         whole(self.n_tokens, "UnlearnDiffAtk n_tokens", 1, MAX_ADVERSARIAL_TOKENS)
         whole(self.num_timesteps, "UnlearnDiffAtk num_timesteps", 1, 1000)
@@ -287,7 +294,10 @@ class UnlearnDiffAtk:
         # 5 = checks are rendered in batches of the attack's batch size (other rounding than alone);
         # 6 = each case runs and is rendered in the row of its place (case index % batch size), and
         # each image is decoded alone (rows round differently: see .batching)
-        return {**asdict(self.config), "version": 6}
+        settings = asdict(self.config)
+        if not settings["check_text"]:  # added after version 6: left out at its default, so stored results stay valid
+            del settings["check_text"]
+        return {**settings, "version": 6}
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
         """Attack one case (a batch of one)."""
@@ -472,14 +482,16 @@ class _BatchedOptimization(FixedShapeBatch):
             outcome.loss_trace.extend(losses)
             slot.block_losses, slot.step_in_block = [], 0
             if candidate == slot.last_checked:  # same tokens, same image: it was a miss already
+                last_score = next(check.score for check in reversed(outcome.checks) if not check.text)
                 outcome.checks.append(CandidateCheck(outcome.steps, slot.timestep, candidate, rendered=False, hit=False,
-                                                     score=outcome.checks[-1].score))
+                                                     score=last_score))
                 continue
             slot.last_checked = candidate
             layout = slot.job.context.layout
             requests.append((slot.job.context.check, layout.sequence(slot.job.prompt.content_ids, candidate)))
             waiting.append((i, candidate))
         checked = Checker.check_many(requests, rows=self.batch_size, places=[self.slots[i].place for i, _ in waiting])
+        text_requests, text_waiting = [], []
         for (i, candidate), (verdict, image) in zip(waiting, checked):
             slot = self.slots[i]
             outcome = slot.outcome
@@ -487,6 +499,20 @@ class _BatchedOptimization(FixedShapeBatch):
                                                  score=verdict.score))
             outcome.adversarial_ids, outcome.verdict, outcome.image = candidate, verdict, image
             if verdict.hit:
+                outcome.hit, outcome.hit_step, outcome.hit_timestep = True, outcome.steps, slot.timestep
+            elif self.config.check_text and (content := self._text_content(slot, candidate)) is not None:
+                text_requests.append((slot.job.context.check, slot.job.context.layout.sequence(content)))
+                text_waiting.append((i, candidate, content))
+        # the second candidates render after the first, each case again in the row of its place
+        checked = Checker.check_many(text_requests, rows=self.batch_size,
+                                     places=[self.slots[i].place for i, _, _ in text_waiting])
+        for (i, candidate, content), (verdict, image) in zip(text_waiting, checked):
+            slot = self.slots[i]
+            outcome = slot.outcome
+            outcome.checks.append(CandidateCheck(outcome.steps, slot.timestep, candidate, rendered=True, hit=verdict.hit,
+                                                 score=verdict.score, text=True))
+            if verdict.hit:
+                outcome.content_ids, outcome.verdict, outcome.image = content, verdict, image
                 outcome.hit, outcome.hit_step, outcome.hit_timestep = True, outcome.steps, slot.timestep
         finished = []
         for i in ended:
@@ -496,6 +522,15 @@ class _BatchedOptimization(FixedShapeBatch):
             else:
                 slot.block += 1
         return finished
+
+    def _text_content(self, slot: _Slot, candidate: list[int]) -> list[int] | None:
+        """The ids the candidate's text (its ids and the prompt's, decoded) tokenizes to, where they
+        differ from those ids and fit the text encoder; else None."""
+        content = list(candidate) + list(slot.job.prompt.content_ids)
+        tokenizer = self.pipeline.tokenizer
+        text_ids = list(tokenizer(tokenizer.decode(content), add_special_tokens=False).input_ids)
+        fits = len(text_ids) <= slot.job.context.layout.content_capacity(0)
+        return text_ids if text_ids != content and fits else None
 
 
 def encode_target(pipeline: Any, image: Any) -> Any:
