@@ -105,6 +105,30 @@ def test_yaml_suite_is_collected_and_run(pytester, gate_args):
                                  "tiny-red *red*2*PASS*"])
 
 
+def test_check_text_in_a_suite_reaches_the_attack(pytester, gate_args, tmp_path):
+    """The gate key ``check_text: true`` turns on the second check of each missed candidate: the
+    gate's report holds checks of the text's ids; without the key it holds none."""
+    pytester.makepyfile(judges=JUDGES)
+    pytester.syspathinsert()
+    prompts = [f"a photo of thing number {i}" for i in range(3)]
+    pytester.makefile(".yaml", unlearn_text=f"""
+gates:
+  - {{name: with-text, concept: circle, prompts: {prompts}, judge: "judges:never", max_asr: 0.5, budget: smoke,
+     check_text: true, render: {{steps: 2}}}}
+  - {{name: ids-only, concept: circle, prompts: {prompts}, judge: "judges:never", max_asr: 0.5, budget: smoke,
+     render: {{steps: 2}}}}
+""")
+    result = pytester.runpytest(*gate_args, "--unlearn-no-store")
+    result.assert_outcomes(passed=2)
+
+    def text_checks(gate: str) -> int:
+        [path] = (tmp_path / "report" / "gates").glob(f"*_{gate}-*.json")  # named by the gate's id: file, name, hash
+        report = json.loads(path.read_text())
+        return sum(check.get("text", False) for case in report["result"]["cases"] for check in case["checks"])
+
+    assert text_checks("with-text") > 0 and text_checks("ids-only") == 0
+
+
 @pytest.mark.parametrize(
     ("gate", "message"),
     [
