@@ -18,6 +18,9 @@ is a white-box upper bound: learned embeddings, not prompts), else one case at a
 (``ring-a-bell``). The summary line then also gives each column's
 seconds per case (``<model>_<attack>_s``), measured in the same run as UnlearnDiffAtk's.
 
+``--columns ... 'UnlearnDiffAtk fast, check_text'``: a column not computed by default, UnlearnDiffAtk
+`fast` with ``check_text`` (each missed candidate's decoded text judged too).
+
 ``--quick``: toy:erased and toy:leaky, 8 prompts, no reference column (a few minutes).
 """
 
@@ -34,6 +37,9 @@ from _common import machine, summary
 MODELS = ("erased", "esd-u", "uce", "fmn", "leaky")
 COLUMNS = (("pre-ASR", "no_attack", None), ("random", "random", "fast"), ("UnlearnDiffAtk fast", "unlearndiffatk", "fast"),
            ("UnlearnDiffAtk reference", "unlearndiffatk", "reference"))
+# a column computed only when named in --columns: UnlearnDiffAtk fast that also judges each missed
+# candidate's decoded text (the setting check_text; docs/validity.md)
+CHECK_TEXT_COLUMN = "UnlearnDiffAtk fast, check_text"
 MORE = {"ring-a-bell": "Ring-A-Bell fast", "p4d-n": "P4D-n fast", "p4d-k": "P4D-k fast",
         "concept-inversion": "concept inversion fast (white-box bound)"}
 
@@ -45,8 +51,10 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=48, help="prompts of toy:circle per column (default: all 48)")
     parser.add_argument("--reference-cases", type=int, default=24, help="prompts for the reference column (0: leave it out)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--columns", nargs="+", default=[name for name, _, _ in COLUMNS], choices=[name for name, _, _ in COLUMNS],
-                        metavar="COLUMN", help="columns to compute (default: all): " + ", ".join(repr(n) for n, _, _ in COLUMNS))
+    parser.add_argument("--columns", nargs="+", default=[name for name, _, _ in COLUMNS],
+                        choices=[name for name, _, _ in COLUMNS] + [CHECK_TEXT_COLUMN], metavar="COLUMN",
+                        help="columns to compute (default: the first four): "
+                        + ", ".join(repr(n) for n, _, _ in COLUMNS) + f", {CHECK_TEXT_COLUMN!r}")
     parser.add_argument("--attacks", nargs="+", default=[], choices=sorted(MORE),
                         help="more columns: these attacks at their fast budget")
     args = parser.parse_args()
@@ -62,6 +70,8 @@ def main() -> None:
     cases = load_cases("toy:circle")
     wanted = [(name, attack, budget) for name, attack, budget in COLUMNS
               if name in args.columns and (budget != "reference" or args.reference_cases)]
+    if CHECK_TEXT_COLUMN in args.columns:
+        wanted.append((CHECK_TEXT_COLUMN, "unlearndiffatk", "fast"))
     wanted += [(MORE[attack], attack, "fast") for attack in args.attacks]
     header = ["model", *(name for name, _, _ in wanted)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -72,13 +82,15 @@ def main() -> None:
         for column, attack, budget in wanted:
             count = args.reference_cases if budget == "reference" else args.cases
             start = time.perf_counter()
+            settings = {"check_text": True} if column == CHECK_TEXT_COLUMN else {}
             result = run_gate(model, cases[:count], "toy_circle", attack=attack, budget=budget, base=base, render=render,
-                              batch_size=args.batch, concept="circle", progress=False)
+                              batch_size=args.batch, concept="circle", progress=False, **settings)
             per_case = (time.perf_counter() - start) / result.n
             hits = sum(case.hit for case in result.counted)
             low, high = wilson_interval(hits, result.n)
             cells.append(f"{hits}/{result.n} = {hits / result.n:.0%} ({low:.0%}-{high:.0%}), {per_case:.1f} s/case")
             key = f"{name}_{attack if attack != 'unlearndiffatk' else 'uda'}{'_' + budget if budget else ''}".replace("-", "_")
+            key += "_check_text" if settings else ""
             values[key] = round(hits / result.n, 4)
             if args.attacks:
                 values[f"{key}_s"] = round(per_case, 2)
