@@ -182,6 +182,14 @@ class ReferenceLoop:
         return {"hit": False, "by": None, "step": step}
 
 
+def asr_line(name: str, hits: int, n: int, seconds: float) -> str:
+    """``name: hits/n = ASR (95% CI low-high), seconds s/case``."""
+    from pytest_unlearnatk.report import wilson_interval
+
+    low, high = wilson_interval(hits, n)
+    return f"{name}: {hits}/{n} = {hits / n:.1%} (95% CI {low:.0%}-{high:.0%}), {seconds:.1f} s/case"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 cases, 3 blocks of 10 steps")
@@ -203,7 +211,6 @@ def main() -> None:
 
     from pytest_unlearnatk import get_judge, get_preset, load_cases, load_pipeline, run_gate
     from pytest_unlearnatk.render import RenderSettings
-    from pytest_unlearnatk.report import wilson_interval
     from pytest_unlearnatk.targets import RenderedTargets
     from pytest_unlearnatk.tokens import TokenLayout
 
@@ -221,9 +228,7 @@ def main() -> None:
     if args.ours_only:
         for case in ours.cases:
             print(f"case {case.case.case_id}: ours hit={case.hit} by {case.hit_by} step {case.hit_step}")
-        low, high = wilson_interval(ours_hits, len(cases))
-        print(f"ours: {ours_hits}/{len(cases)} = {ours_hits / len(cases):.1%} (95% CI {low:.0%}-{high:.0%}), "
-              f"{ours_seconds:.1f} s/case")
+        print(asr_line("ours", ours_hits, len(cases), ours_seconds))
         print(summary({**facts, "ours_asr": round(ours_hits / len(cases), 4), "ours_s_per_case": round(ours_seconds, 2)}))
         return
 
@@ -240,8 +245,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     port_seconds = (time.perf_counter() - start) / len(cases)
     for name, hits, seconds in (("ours", ours_hits, ours_seconds), ("port", port_hits, port_seconds)):
-        low, high = wilson_interval(hits, len(cases))
-        print(f"{name}: {hits}/{len(cases)} = {hits / len(cases):.1%} (95% CI {low:.0%}-{high:.0%}), {seconds:.1f} s/case")
+        print(asr_line(name, hits, len(cases), seconds))
     print(summary({**facts, "port_renders_ids": args.port_renders_ids, "ours_asr": round(ours_hits / len(cases), 4),
                    "port_asr": round(port_hits / len(cases), 4), "ours_s_per_case": round(ours_seconds, 2),
                    "port_s_per_case": round(port_seconds, 2), "time_ratio": round(ours_seconds / port_seconds, 3)}))
