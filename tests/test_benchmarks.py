@@ -21,6 +21,7 @@ EXPECTED_KEYS = {
     "memory.py": ["toy_b1_ratio", "toy_b2_ratio"],
     "import_time.py": ["with_s", "without_s", "added_s"],
     "gpu_sd_shape.py": ["b1_step_s", "b2_step_s", "b1_cph", "b2_cph", "speedup"],
+    "vs_reference.py": ["ours_asr", "port_asr", "ours_s_per_case", "port_s_per_case", "time_ratio"],
 }
 
 
