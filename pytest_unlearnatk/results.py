@@ -100,6 +100,9 @@ class CaseResult:
             ids = getattr(self, name)
             if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
                 raise ValueError(f"{name} must be a list of whole numbers >= 0")
+        for check in self.checks:
+            if not all(isinstance(flag, bool) for flag in (check.rendered, check.hit, check.text)):
+                raise ValueError("each check's rendered, hit and text must be true or false")
         if not isinstance(self.verdict, dict) or not all(isinstance(v, dict) for v in (self.timings, self.images)):
             raise ValueError("verdict, timings and images must be mappings")
         if not all(isinstance(name, str) for name in self.images.values()):

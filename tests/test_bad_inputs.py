@@ -282,6 +282,8 @@ BAD_RESULTS = [
     ({"prompt_ids": [True]}, "prompt_ids must be a list of whole numbers >= 0"),
     ({"verdict": []}, "verdict, timings and images must be mappings"),
     ({"checks": [{"step": 1}]}, "missing"),
+    ({"checks": [{"step": 20, "timestep": 50, "adversarial_ids": [1], "rendered": True, "hit": False, "score": 0.0,
+                  "text": "yes"}]}, "each check's rendered, hit and text must be true or false"),
     ({"surprise": 1}, "unexpected keyword"),
 ]
 
