@@ -21,8 +21,10 @@ from .errors import UnlearnAtkError
 from .options import parse_batch
 from .registry import Registries, discover, is_reference
 
-GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", "check_text", "render",
-             "batch", "max_new_broken")
+# settings the gate hands to its attack as declared (the attack checks them; one without them says so)
+ATTACK_SETTING_KEYS = ("check_text", "candidates_per_check")
+GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", *ATTACK_SETTING_KEYS,
+             "render", "batch", "max_new_broken")
 RENDER_KEYS = ("scheduler", "steps", "height", "width", "negative_prompt")
 DEFAULT_ATTACK = "unlearndiffatk"
 
@@ -99,8 +101,9 @@ def parse_gate(
         raise SpecError(f"{where}: 'max_new_broken' must be a whole number >= 0 (0: no case may newly break), "
                         f"got {max_new_broken!r}")
     settings = {"n_tokens": n} if (n := _positive_int(declared, "n_tokens", where)) is not None else {}
-    if "check_text" in declared:  # checked by the attack: it must take the setting, as true or false
-        settings["check_text"] = declared["check_text"]
+    for key in ATTACK_SETTING_KEYS:  # checked by the attack: it must take the setting, with a valid value
+        if key in declared:
+            settings[key] = declared[key]
     attack_settings = _check_attack(attack, budget, settings, defaults, where, registries)
     return GateSpec(
         name=name, concept=concept, prompts=prompts, max_asr=float(max_asr), judge=judge, attack=attack,

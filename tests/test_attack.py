@@ -641,3 +641,50 @@ def test_a_store_written_before_check_text_existed_keeps_its_keys():
         "n_tokens": 5, "lr": 0.01, "weight_decay": 0.1, "num_timesteps": 50, "steps_per_timestep": 40,
         "grad_clip": 1.0, "seed": 0, "version": 6}
     assert UnlearnDiffAtk(get_preset("reference", check_text=True)).config_dict()["check_text"] is True
+
+
+def test_candidates_per_check_renders_the_blocks_lowest_loss_candidate_and_keeps_the_optimization(tiny_model,
+                                                                                                    base_model):
+    """With ``candidates_per_check`` n, each block's argmax tokens are taken n times and the one of
+    the lowest denoising loss on the target (fixed noise) is checked; the optimization itself
+    (steps, losses) is the one without the setting, whose candidate (the block's last argmax) is
+    among those compared."""
+    from pytest_unlearnatk.attacks.unlearndiffatk import candidate_losses, encode_target, ranking_noises
+    from pytest_unlearnatk.targets import RenderedTargets
+
+    pipeline = tiny_model.pipeline
+    layout = TokenLayout.from_pipeline(pipeline)
+    cases = load_cases(CASES[:3])
+
+    def gate(n):
+        budget = get_preset("reference", num_timesteps=3, steps_per_timestep=6, candidates_per_check=n)
+        return run_gate(tiny_model, cases, never, budget=budget, base=base_model, render=FAST_RENDER, batch_size=3,
+                        progress=False)
+
+    plain, ranked = gate(1), gate(3)
+    targets = RenderedTargets(base_model, FAST_RENDER.resolved(pipeline))
+    changed = 0
+    for alone, case in zip(plain.cases, ranked.cases):
+        assert (case.steps, case.loss_trace) == (alone.steps, alone.loss_trace)
+        assert [c.step for c in case.checks] == [c.step for c in alone.checks] == [6, 12, 18]
+        content = pipeline.tokenizer(case.case.prompt, add_special_tokens=False).input_ids
+        latent = encode_target(pipeline, targets(case.case, layout.sequence(content)))
+        for block, (last, chosen) in enumerate(zip(alone.checks, case.checks)):
+            if chosen.adversarial_ids == last.adversarial_ids:
+                continue
+            changed += 1
+            noises = ranking_noises(0, case.case.seed, block, latent)
+            losses = candidate_losses(pipeline, [layout.sequence(content, ids) for ids in
+                                                 (chosen.adversarial_ids, last.adversarial_ids)], latent, chosen.timestep, noises)
+            assert losses[0] <= losses[1]
+    assert changed, "no block chose another candidate than its last: the test shows nothing"
+
+
+def test_candidates_per_check_steps_and_store_key():
+    from pytest_unlearnatk.attacks.unlearndiffatk import UnlearnDiffAtk
+
+    assert get_preset("fast", candidates_per_check=4).candidate_steps == [5, 10, 15, 20]
+    assert get_preset("fast", candidates_per_check=3).candidate_steps == [7, 14, 20]
+    assert get_preset("fast").candidate_steps == [20]
+    assert "candidates_per_check" not in UnlearnDiffAtk(get_preset("fast")).config_dict()  # stores keep their keys
+    assert UnlearnDiffAtk(get_preset("fast", candidates_per_check=4)).config_dict()["candidates_per_check"] == 4

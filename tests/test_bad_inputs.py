@@ -145,6 +145,11 @@ BAD_GATES = [
     ({"attack": "random", "n_tokens": 76}, "random n_tokens is 76; it must be a whole number between 1 and 75"),
     ({"check_text": "yes"}, "UnlearnDiffAtk check_text is 'yes'; it must be true or false"),
     ({"attack": "p4d-n", "check_text": True}, "'check_text' is not a setting of this attack; its settings: "),
+    ({"candidates_per_check": 0}, "UnlearnDiffAtk candidates_per_check is 0; it must be a whole number"),
+    ({"candidates_per_check": "4"}, "UnlearnDiffAtk candidates_per_check is '4'; it must be a whole number"),
+    ({"budget": "fast", "candidates_per_check": 21},
+     "UnlearnDiffAtk candidates_per_check is 21, more than its 20 steps_per_timestep; take at most one candidate per step"),
+    ({"attack": "random", "candidates_per_check": 4}, "'candidates_per_check' is not a setting of this attack; its settings: "),
     ({"limit": 0}, "'limit' must be a positive whole number, got 0"),
     ({"limit": -1}, "'limit' must be a positive whole number, got -1"),
     ({"limit": 1.5}, "'limit' must be a positive whole number, got 1.5"),
@@ -181,6 +186,8 @@ def test_a_good_declaration_takes_the_concepts_defaults(tmp_path):
     assert spec.judge == "toy_circle" and spec.attack_settings == {"n_tokens": 5} and spec.batch is None
     assert parse_gate({**GOOD_GATE, "check_text": True}, where="w", base_dir=tmp_path,
                       name="g").attack_settings == {"n_tokens": 5, "check_text": True}
+    assert parse_gate({**GOOD_GATE, "candidates_per_check": 4}, where="w", base_dir=tmp_path,
+                      name="g").attack_settings == {"n_tokens": 5, "candidates_per_check": 4}
 
 
 # --- run options ---------------------------------------------------------------------------

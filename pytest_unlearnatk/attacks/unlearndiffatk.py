@@ -12,7 +12,10 @@ that shows the concept, i.e. that minimize its denoising loss on that image:
 2. Timesteps are swept in order (10, 30, ..., 990 at the reference budget), a block of steps each.
 3. After each block the argmax tokens form a candidate; it is rendered with the unlearned model
    at the case's seed and guidance and judged. The first hit ends the case. With ``check_text``,
-   a candidate that missed is judged a second time as the ids its decoded text tokenizes to.
+   a candidate that missed is judged a second time as the ids its decoded text tokenizes to. With
+   ``candidates_per_check`` n > 1, the argmax tokens are taken n times in the block, and the one
+   the model finds the lowest denoising loss for (the attack's own objective, on fixed noise) is
+   the block's candidate.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from .batching import resolve_batch_size as resolve_batch_size
 
 # CLIP reads 77 tokens, two of them BOS and EOS: at most 75 adversarial ones (fewer with the prompt)
 MAX_ADVERSARIAL_TOKENS = 75
+# noise draws on which candidates_per_check compares a block's candidates (the same draws for each)
+RANKING_NOISES = 4
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class UnlearnDiffAtkConfig:
     # after a candidate's ids miss, also judge the ids its decoded text tokenizes to, where they
     # differ (what the reference code judges instead of the ids; docs/method.md, "Success check")
     check_text: bool = False
+    # argmax candidates taken per block, evenly spaced, the last at its end; the one of lowest
+    # denoising loss on the target (block's timestep, RANKING_NOISES fixed noise draws) is checked
+    candidates_per_check: int = 1
 
     def __post_init__(self) -> None:
         from ..checks import finite, whole
@@ -62,6 +70,10 @@ class UnlearnDiffAtkConfig:
         whole(self.num_timesteps, "UnlearnDiffAtk num_timesteps", 1, 1000)
         whole(self.steps_per_timestep, "UnlearnDiffAtk steps_per_timestep", 1, 100_000)
         whole(self.seed, "UnlearnDiffAtk seed", 0, 2**31)
+        whole(self.candidates_per_check, "UnlearnDiffAtk candidates_per_check", 1)
+        if self.candidates_per_check > self.steps_per_timestep:
+            raise UnlearnAtkError(f"UnlearnDiffAtk candidates_per_check is {self.candidates_per_check}, more than its "
+                                  f"{self.steps_per_timestep} steps_per_timestep; take at most one candidate per step")
         if finite(self.lr, "UnlearnDiffAtk lr", 0) == 0:
             raise UnlearnAtkError("UnlearnDiffAtk lr is 0; it must be positive")
         finite(self.weight_decay, "UnlearnDiffAtk weight_decay", 0)
@@ -70,6 +82,12 @@ class UnlearnDiffAtkConfig:
     @property
     def max_steps(self) -> int:
         return self.num_timesteps * self.steps_per_timestep
+
+    @property
+    def candidate_steps(self) -> list[int]:
+        """The steps into a block after which its argmax tokens are taken as a candidate."""
+        n, steps = self.candidates_per_check, self.steps_per_timestep
+        return sorted({-(-steps * j // n) for j in range(1, n + 1)})
 
     def timesteps(self, num_train_timesteps: int) -> list[int]:
         """The swept timesteps, in the order they are visited."""
@@ -264,6 +282,7 @@ class _Slot:
     step_in_block: int = 0
     block_losses: list[Any] = field(default_factory=list)
     last_checked: list[int] | None = None
+    candidates: list[list[int]] = field(default_factory=list)  # taken earlier in the block (candidates_per_check)
     place: int = 0  # its row in the batch's model calls (set by the loop)
 
     @property
@@ -295,8 +314,11 @@ class UnlearnDiffAtk:
         # 6 = each case runs and is rendered in the row of its place (case index % batch size), and
         # each image is decoded alone (rows round differently: see .batching)
         settings = asdict(self.config)
-        if not settings["check_text"]:  # added after version 6: left out at its default, so stored results stay valid
+        # added after version 6: left out at their defaults, so stored results stay valid
+        if not settings["check_text"]:
             del settings["check_text"]
+        if settings["candidates_per_check"] == 1:
+            del settings["candidates_per_check"]
         return {**settings, "version": 6}
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
@@ -332,6 +354,7 @@ class _BatchedOptimization(FixedShapeBatch):
         super().__init__(jobs, batch_size, on_step, case_count)
         self.config, self.compile_unet = config, compile_unet
         self.max_steps = config.max_steps
+        self.candidate_steps = set(config.candidate_steps)
 
     # --- the batch: slots and their stacked state -----------------------------------------
 
@@ -469,6 +492,35 @@ class _BatchedOptimization(FixedShapeBatch):
             self.thresholds = tau.view_as(self.thresholds)
         for slot, loss in zip(slots, losses.detach()):
             slot.block_losses.append(loss)
+        # candidates taken inside a block (the block's last one is taken when it ends)
+        due = [i for i, slot in enumerate(slots)
+               if slot.step_in_block + 1 in self.candidate_steps and slot.step_in_block + 1 < config.steps_per_timestep]
+        if due:
+            for i, candidate in zip(due, probabilities.detach()[due].argmax(dim=-1).tolist()):
+                slots[i].candidates.append(candidate)
+
+    def _best_candidate(self, slot: _Slot, last: list[int]) -> list[int]:
+        """Of the block's candidates, the one of the lowest denoising loss on the case's target at the
+        block's timestep, on RANKING_NOISES noise draws fixed by the seeds and the block (the first
+        of equals). The case's own generator is not used, so the optimization is the same as without."""
+        import torch
+
+        options: list[list[int]] = []
+        for candidate in [*slot.candidates, last]:
+            if candidate not in options:
+                options.append(candidate)
+        slot.candidates = []
+        if len(options) == 1:
+            return last
+        noises = ranking_noises(self.config.seed, slot.job.case.seed, slot.block, slot.target_latent)
+        layout = slot.job.context.layout
+        sequences = [layout.sequence(slot.job.prompt.content_ids, option) for option in options]
+        autocast = (torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            losses = candidate_losses(self.pipeline, sequences, slot.target_latent, slot.timestep, noises,
+                                      self.alphas_cumprod)
+        return options[losses.index(min(losses))]
 
     def _end_blocks(self, ended: list[int]) -> list[int]:
         """Check the argmax tokens of the cases whose block just ended; return the finished ones."""
@@ -476,6 +528,8 @@ class _BatchedOptimization(FixedShapeBatch):
         requests, waiting = [], []
         for i, candidate in zip(ended, candidates):
             slot = self.slots[i]
+            if self.config.candidates_per_check > 1:
+                candidate = self._best_candidate(slot, candidate)
             outcome = slot.outcome
             losses = finite_losses(slot.block_losses, "UnlearnDiffAtk", slot.job.case, outcome.steps,
                                    "denoising loss", f" (t={slot.timestep})")
@@ -544,22 +598,39 @@ def encode_target(pipeline: Any, image: Any) -> Any:
     return latent.float() * pipeline.vae.config.scaling_factor
 
 
-def denoising_loss(pipeline: Any, ids: list[int], target_latent: Any, timestep: int, noises: Any) -> float:
-    """The attack's objective for one id sequence, averaged over given noise samples at one timestep.
-
-    With fixed ``noises`` it compares prompts fairly (the per-step loss of the attack uses a fresh
-    noise sample each step). Diagnostics and tests use it; the attack itself does not.
-    """
+def ranking_noises(attack_seed: int, case_seed: int, block: int, target_latent: Any) -> Any:
+    """The RANKING_NOISES noise draws (like ``target_latent``, one per row) on which the candidates
+    of a case's block ``block`` are compared: fixed by the seeds and the block alone."""
     import torch
 
-    alphas = noise_schedule(pipeline).to(target_latent.device)
-    noises = noises.to(target_latent.device)
+    generator = torch.Generator(device=target_latent.device).manual_seed((attack_seed * 1_000_003 + case_seed) * 1_009 + block)
+    return torch.randn((RANKING_NOISES, *target_latent.shape[1:]), generator=generator, device=target_latent.device)
+
+
+def candidate_losses(pipeline: Any, sequences: list[list[int]], target_latent: Any, timestep: int, noises: Any,
+                     alphas_cumprod: Any = None) -> list[float]:
+    """The attack's objective for each id sequence, averaged over the same given noise samples
+    (n, C, H, W) at one timestep: with fixed noise, it compares prompts fairly (the attack's steps
+    draw fresh noise each). ``alphas_cumprod``: the model's noise schedule, if already at hand."""
+    import torch
+
+    device = target_latent.device
+    alphas = (noise_schedule(pipeline) if alphas_cumprod is None else alphas_cumprod).to(device)
+    noises = noises.to(device)
     v_prediction = pipeline.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
     with torch.no_grad():
-        hidden = pipeline.text_encoder(torch.tensor([ids], device=target_latent.device))[0]
+        hidden = pipeline.text_encoder(torch.tensor(sequences, device=device))[0]
+        hidden = hidden.repeat_interleave(len(noises), dim=0)  # sequence i's rows: i * n ... i * n + n - 1
+        repeated = noises.repeat(len(sequences), 1, 1, 1)
         signal, noise_scale = alphas[timestep].sqrt(), (1 - alphas[timestep]).sqrt()
-        noisy = (signal * target_latent + noise_scale * noises).to(pipeline.unet.dtype)
-        prediction = pipeline.unet(noisy, torch.tensor([timestep], device=noisy.device),
-                                   encoder_hidden_states=hidden.expand(len(noises), -1, -1)).sample.float()
-        wanted = signal * noises - noise_scale * target_latent if v_prediction else noises
-        return torch.nn.functional.mse_loss(prediction, wanted).item()
+        noisy = (signal * target_latent + noise_scale * repeated).to(pipeline.unet.dtype)
+        timesteps = torch.full((len(repeated),), timestep, device=device)
+        prediction = pipeline.unet(noisy, timesteps, encoder_hidden_states=hidden).sample.float()
+        wanted = signal * repeated - noise_scale * target_latent if v_prediction else repeated
+        return (prediction - wanted).pow(2).mean(dim=(1, 2, 3)).view(len(sequences), -1).mean(dim=1).tolist()
+
+
+def denoising_loss(pipeline: Any, ids: list[int], target_latent: Any, timestep: int, noises: Any) -> float:
+    """The attack's objective for one id sequence, averaged over given noise samples at one timestep
+    (see :func:`candidate_losses`). Diagnostics and tests use it."""
+    return candidate_losses(pipeline, [ids], target_latent, timestep, noises)[0]
