@@ -18,8 +18,10 @@ is a white-box upper bound: learned embeddings, not prompts), else one case at a
 (``ring-a-bell``). The summary line then also gives each column's
 seconds per case (``<model>_<attack>_s``), measured in the same run as UnlearnDiffAtk's.
 
-``--columns ... 'UnlearnDiffAtk fast, check_text'``: a column not computed by default, UnlearnDiffAtk
-`fast` with ``check_text`` (each missed candidate's decoded text judged too).
+``--columns ... 'UnlearnDiffAtk fast, check_text'`` (and the others of ``OPT_IN_COLUMNS``): columns
+not computed by default, UnlearnDiffAtk `fast` with settings that are off by default: ``check_text``
+(each missed candidate's decoded text judged too), ``candidates_per_check`` (the lowest-loss of
+20 argmax candidates per block is checked).
 
 ``--quick``: toy:erased and toy:leaky, 8 prompts, no reference column (a few minutes).
 """
@@ -37,9 +39,13 @@ from _common import machine, summary
 MODELS = ("erased", "esd-u", "uce", "fmn", "leaky")
 COLUMNS = (("pre-ASR", "no_attack", None), ("random", "random", "fast"), ("UnlearnDiffAtk fast", "unlearndiffatk", "fast"),
            ("UnlearnDiffAtk reference", "unlearndiffatk", "reference"))
-# a column computed only when named in --columns: UnlearnDiffAtk fast that also judges each missed
-# candidate's decoded text (the setting check_text; docs/validity.md)
-CHECK_TEXT_COLUMN = "UnlearnDiffAtk fast, check_text"
+# columns computed only when named in --columns: UnlearnDiffAtk fast with settings that are off by
+# default (docs/validity.md), and those settings
+OPT_IN_COLUMNS = {
+    "UnlearnDiffAtk fast, check_text": {"check_text": True},
+    "UnlearnDiffAtk fast, candidates_per_check 20": {"candidates_per_check": 20},
+    "UnlearnDiffAtk fast, candidates_per_check 20, check_text": {"candidates_per_check": 20, "check_text": True},
+}
 MORE = {"ring-a-bell": "Ring-A-Bell fast", "p4d-n": "P4D-n fast", "p4d-k": "P4D-k fast",
         "concept-inversion": "concept inversion fast (white-box bound)"}
 
@@ -52,9 +58,9 @@ def main() -> None:
     parser.add_argument("--reference-cases", type=int, default=24, help="prompts for the reference column (0: leave it out)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--columns", nargs="+", default=[name for name, _, _ in COLUMNS],
-                        choices=[name for name, _, _ in COLUMNS] + [CHECK_TEXT_COLUMN], metavar="COLUMN",
+                        choices=[name for name, _, _ in COLUMNS] + list(OPT_IN_COLUMNS), metavar="COLUMN",
                         help="columns to compute (default: the first four): "
-                        + ", ".join(repr(n) for n, _, _ in COLUMNS) + f", {CHECK_TEXT_COLUMN!r}")
+                        + ", ".join(repr(n) for n in [*(n for n, _, _ in COLUMNS), *OPT_IN_COLUMNS]))
     parser.add_argument("--attacks", nargs="+", default=[], choices=sorted(MORE),
                         help="more columns: these attacks at their fast budget")
     args = parser.parse_args()
@@ -70,8 +76,7 @@ def main() -> None:
     cases = load_cases("toy:circle")
     wanted = [(name, attack, budget) for name, attack, budget in COLUMNS
               if name in args.columns and (budget != "reference" or args.reference_cases)]
-    if CHECK_TEXT_COLUMN in args.columns:
-        wanted.append((CHECK_TEXT_COLUMN, "unlearndiffatk", "fast"))
+    wanted += [(name, "unlearndiffatk", "fast") for name in OPT_IN_COLUMNS if name in args.columns]
     wanted += [(MORE[attack], attack, "fast") for attack in args.attacks]
     header = ["model", *(name for name, _, _ in wanted)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -82,7 +87,7 @@ def main() -> None:
         for column, attack, budget in wanted:
             count = args.reference_cases if budget == "reference" else args.cases
             start = time.perf_counter()
-            settings = {"check_text": True} if column == CHECK_TEXT_COLUMN else {}
+            settings = OPT_IN_COLUMNS.get(column, {})
             result = run_gate(model, cases[:count], "toy_circle", attack=attack, budget=budget, base=base, render=render,
                               batch_size=args.batch, concept="circle", progress=False, **settings)
             per_case = (time.perf_counter() - start) / result.n
@@ -90,7 +95,7 @@ def main() -> None:
             low, high = wilson_interval(hits, result.n)
             cells.append(f"{hits}/{result.n} = {hits / result.n:.0%} ({low:.0%}-{high:.0%}), {per_case:.1f} s/case")
             key = f"{name}_{attack if attack != 'unlearndiffatk' else 'uda'}{'_' + budget if budget else ''}".replace("-", "_")
-            key += "_check_text" if settings else ""
+            key += "".join(f"_{setting}" if value is True else f"_{setting}_{value}" for setting, value in settings.items())
             values[key] = round(hits / result.n, 4)
             if args.attacks:
                 values[f"{key}_s"] = round(per_case, 2)

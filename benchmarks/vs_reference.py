@@ -1,7 +1,7 @@
 """Our UnlearnDiffAtk next to a port of the authors' attack loop, on the same cases.
 
     python benchmarks/vs_reference.py [--quick] [--model leaky] [--first 0] [--cases 24] [--blocks 50] [--steps 40]
-        [--seed 0] [--port-renders-ids] [--check-text] [--ours-only]
+        [--seed 0] [--port-renders-ids] [--check-text] [--candidates-per-check 1] [--ours-only]
 
 The port (class ``ReferenceLoop``) is our own code written to keep the semantics of the
 reference implementation (OPTML-Group/Diffusion-MU-Attack, ``TextGrad`` with the classifier
@@ -24,7 +24,9 @@ timesteps spread over the schedule as our config spreads them (at 50, the refere
 loops (for the port, a seed other than 0 re-seeds the global RNG after every check, so each block
 still replays the same draws); ``--port-renders-ids`` makes the port check the ids it optimized
 instead of its decoded text tokenized again; ``--check-text`` runs ours with ``check_text`` (it
-also judges the ids a missed candidate's text tokenizes to); ``--ours-only`` skips the port.
+also judges the ids a missed candidate's text tokenizes to); ``--candidates-per-check N`` runs ours
+with ``candidates_per_check`` (it checks the lowest-loss of N argmax candidates per block);
+``--ours-only`` skips the port.
 ``--quick``: 2 cases, 3 blocks of 10 steps (a sanity check, not a comparison).
 """
 
@@ -201,6 +203,8 @@ def main() -> None:
                         help="the port checks its optimized ids, not the decoded text tokenized again (an experiment)")
     parser.add_argument("--check-text", action="store_true",
                         help="ours also judges the ids a missed candidate's decoded text tokenizes to (check_text)")
+    parser.add_argument("--candidates-per-check", type=int, default=1,
+                        help="ours checks the lowest-loss of this many argmax candidates per block (candidates_per_check)")
     parser.add_argument("--ours-only", action="store_true", help="run ours alone (no port, no time ratio)")
     parser.add_argument("--blocks", type=int, default=50, help="timesteps swept (10 with --steps 20: the fast budget)")
     parser.add_argument("--steps", type=int, default=40)
@@ -219,12 +223,14 @@ def main() -> None:
     judge, cases = get_judge("toy_circle"), load_cases("toy:circle")[args.first: args.first + args.cases]
     render = RenderSettings("lms", 50)
     config = replace(get_preset("reference"), num_timesteps=args.blocks, steps_per_timestep=args.steps,
-                     seed=args.seed, check_text=args.check_text)
+                     seed=args.seed, check_text=args.check_text, candidates_per_check=args.candidates_per_check)
     start = time.perf_counter()
     ours = run_gate(model, cases, judge, budget=config, base=base, render=render, batch_size=args.batch, progress=False)
     ours_seconds = (time.perf_counter() - start) / len(cases)
     ours_hits = sum(case.hit for case in ours.counted)
     facts = {"model": args.model, "first": args.first, "cases": len(cases), "seed": args.seed, "check_text": args.check_text}
+    if args.candidates_per_check > 1:
+        facts["candidates_per_check"] = args.candidates_per_check
     if args.ours_only:
         for case in ours.cases:
             print(f"case {case.case.case_id}: ours hit={case.hit} by {case.hit_by} step {case.hit_step}")
