@@ -680,11 +680,17 @@ def test_candidates_per_check_renders_the_blocks_lowest_loss_candidate_and_keeps
     assert changed, "no block chose another candidate than its last: the test shows nothing"
 
 
-def test_candidates_per_check_steps_and_store_key():
-    from pytest_unlearnatk.attacks.unlearndiffatk import UnlearnDiffAtk
+def test_candidates_per_check_steps_store_key_and_noise_for_the_largest_case_seed():
+    import torch
+
+    from pytest_unlearnatk.attacks.unlearndiffatk import UnlearnDiffAtk, ranking_noises
+    from pytest_unlearnatk.cases import MAX_SEED
 
     assert get_preset("fast", candidates_per_check=4).candidate_steps == [5, 10, 15, 20]
     assert get_preset("fast", candidates_per_check=3).candidate_steps == [7, 14, 20]
     assert get_preset("fast").candidate_steps == [20]
     assert "candidates_per_check" not in UnlearnDiffAtk(get_preset("fast")).config_dict()  # stores keep their keys
     assert UnlearnDiffAtk(get_preset("fast", candidates_per_check=4)).config_dict()["candidates_per_check"] == 4
+    latent = torch.zeros(1, 4, 8, 8)
+    noises = ranking_noises(2**31, MAX_SEED, 49, latent)  # the largest seeds a config and a case take
+    assert noises.shape == (4, 4, 8, 8) and torch.equal(noises, ranking_noises(2**31, MAX_SEED, 49, latent))

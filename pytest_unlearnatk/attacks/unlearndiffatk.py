@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -354,7 +355,7 @@ class _BatchedOptimization(FixedShapeBatch):
         super().__init__(jobs, batch_size, on_step, case_count)
         self.config, self.compile_unet = config, compile_unet
         self.max_steps = config.max_steps
-        self.candidate_steps = set(config.candidate_steps)
+        self.inner_candidate_steps = set(config.candidate_steps[:-1])  # the block's last is taken as it ends
 
     # --- the batch: slots and their stacked state -----------------------------------------
 
@@ -492,9 +493,8 @@ class _BatchedOptimization(FixedShapeBatch):
             self.thresholds = tau.view_as(self.thresholds)
         for slot, loss in zip(slots, losses.detach()):
             slot.block_losses.append(loss)
-        # candidates taken inside a block (the block's last one is taken when it ends)
-        due = [i for i, slot in enumerate(slots)
-               if slot.step_in_block + 1 in self.candidate_steps and slot.step_in_block + 1 < config.steps_per_timestep]
+        # candidates taken inside a block (candidates_per_check)
+        due = [i for i, slot in enumerate(slots) if slot.step_in_block + 1 in self.inner_candidate_steps]
         if due:
             for i, candidate in zip(due, probabilities.detach()[due].argmax(dim=-1).tolist()):
                 slots[i].candidates.append(candidate)
@@ -520,6 +520,8 @@ class _BatchedOptimization(FixedShapeBatch):
         with autocast:
             losses = candidate_losses(self.pipeline, sequences, slot.target_latent, slot.timestep, noises,
                                       self.alphas_cumprod)
+        # a non-finite loss (a half-precision overflow, say) ranks last, not by NaN's comparisons
+        losses = [loss if math.isfinite(loss) else math.inf for loss in losses]
         return options[losses.index(min(losses))]
 
     def _end_blocks(self, ended: list[int]) -> list[int]:
@@ -528,13 +530,13 @@ class _BatchedOptimization(FixedShapeBatch):
         requests, waiting = [], []
         for i, candidate in zip(ended, candidates):
             slot = self.slots[i]
-            if self.config.candidates_per_check > 1:
-                candidate = self._best_candidate(slot, candidate)
             outcome = slot.outcome
             losses = finite_losses(slot.block_losses, "UnlearnDiffAtk", slot.job.case, outcome.steps,
                                    "denoising loss", f" (t={slot.timestep})")
             outcome.loss_trace.extend(losses)
             slot.block_losses, slot.step_in_block = [], 0
+            if self.config.candidates_per_check > 1:  # after the loss check: a broken model stops first
+                candidate = self._best_candidate(slot, candidate)
             if candidate == slot.last_checked:  # same tokens, same image: it was a miss already
                 last_score = next(check.score for check in reversed(outcome.checks) if not check.text)
                 outcome.checks.append(CandidateCheck(outcome.steps, slot.timestep, candidate, rendered=False, hit=False,
@@ -603,7 +605,8 @@ def ranking_noises(attack_seed: int, case_seed: int, block: int, target_latent: 
     of a case's block ``block`` are compared: fixed by the seeds and the block alone."""
     import torch
 
-    generator = torch.Generator(device=target_latent.device).manual_seed((attack_seed * 1_000_003 + case_seed) * 1_009 + block)
+    seed = ((attack_seed * 1_000_003 + case_seed) * 1_009 + block) % 2**64  # case seeds go up to 2**63 - 1
+    generator = torch.Generator(device=target_latent.device).manual_seed(seed)
     return torch.randn((RANKING_NOISES, *target_latent.shape[1:]), generator=generator, device=target_latent.device)
 
 
