@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -52,3 +54,21 @@ def summary(values: dict[str, Any]) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     return " ".join(f"{key}={show(value)}" for key, value in values.items())
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse names the option in its error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is below 1: give a whole number >= 1")
+    return value
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Run a benchmark's ``main``; the project's own errors end it with their message, not a traceback."""
+    from pytest_unlearnatk.errors import UnlearnAtkError
+
+    try:
+        main()
+    except UnlearnAtkError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, summary
+from _common import machine, positive_int, run_script, summary
 
 MODELS = ("erased", "esd-u", "uce", "fmn", "leaky")
 COLUMNS = (("pre-ASR", "no_attack", None), ("random", "random", "fast"), ("UnlearnDiffAtk fast", "unlearndiffatk", "fast"),
@@ -54,9 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy:erased and toy:leaky, 8 prompts, no reference column")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--cases", type=int, default=48, help="prompts of toy:circle per column (default: all 48)")
+    parser.add_argument("--cases", type=positive_int, default=48, help="prompts of toy:circle per column (default: all 48)")
     parser.add_argument("--reference-cases", type=int, default=24, help="prompts for the reference column (0: leave it out)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--columns", nargs="+", default=[name for name, _, _ in COLUMNS],
                         choices=[name for name, _, _ in COLUMNS] + list(OPT_IN_COLUMNS), metavar="COLUMN",
                         help="columns to compute (default: the first four): "
@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=[], choices=sorted(MORE),
                         help="more columns: these attacks at their fast budget")
     args = parser.parse_args()
+    if args.reference_cases < 0:
+        parser.error(f"--reference-cases {args.reference_cases}: give 0 (no reference column) or more")
     if args.quick:
         args.models, args.cases, args.reference_cases = ["erased", "leaky"], 8, 0
 
@@ -106,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

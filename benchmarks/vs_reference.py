@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, summary
+from _common import machine, positive_int, run_script, summary
 
 
 def bisection_projection(row: Any, xi: float = 1e-5) -> Any:
@@ -196,19 +196,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 cases, 3 blocks of 10 steps")
     parser.add_argument("--model", default="leaky", help="a toy model: erased, esd-u, uce, fmn, leaky")
-    parser.add_argument("--cases", type=int, default=24)
+    parser.add_argument("--cases", type=positive_int, default=24)
     parser.add_argument("--first", type=int, default=0, help="index of the first case (e.g. --first 24 --cases 12)")
     parser.add_argument("--seed", type=int, default=0, help="attack seed of both loops (0: the reference's own RNG use)")
     parser.add_argument("--port-renders-ids", action="store_true",
                         help="the port checks its optimized ids, not the decoded text tokenized again (an experiment)")
     parser.add_argument("--check-text", action="store_true",
                         help="ours also judges the ids a missed candidate's decoded text tokenizes to (check_text)")
-    parser.add_argument("--candidates-per-check", type=int, default=1,
+    parser.add_argument("--candidates-per-check", type=positive_int, default=1,
                         help="ours checks the lowest-loss of this many argmax candidates per block (candidates_per_check)")
     parser.add_argument("--ours-only", action="store_true", help="run ours alone (no port, no time ratio)")
-    parser.add_argument("--blocks", type=int, default=50, help="timesteps swept (10 with --steps 20: the fast budget)")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--blocks", type=positive_int, default=50, help="timesteps swept (10 with --steps 20: the fast budget)")
+    parser.add_argument("--steps", type=positive_int, default=40)
+    parser.add_argument("--batch", type=positive_int, default=8)
     args = parser.parse_args()
     if args.quick:
         args.cases, args.blocks, args.steps = 2, 3, 10
@@ -220,7 +220,10 @@ def main() -> None:
 
     print(machine())
     model, base = load_pipeline(f"toy:{args.model}"), load_pipeline("toy:base")
-    judge, cases = get_judge("toy_circle"), load_cases("toy:circle")[args.first: args.first + args.cases]
+    judge, every_case = get_judge("toy_circle"), load_cases("toy:circle")
+    if not 0 <= args.first < len(every_case):
+        parser.error(f"--first {args.first}: toy:circle has cases 0 to {len(every_case) - 1}")
+    cases = every_case[args.first: args.first + args.cases]
     render = RenderSettings("lms", 50)
     config = replace(get_preset("reference"), num_timesteps=args.blocks, steps_per_timestep=args.steps,
                      seed=args.seed, check_text=args.check_text, candidates_per_check=args.candidates_per_check)
@@ -258,4 +261,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

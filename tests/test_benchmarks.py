@@ -22,7 +22,16 @@ EXPECTED_KEYS = {
     "import_time.py": ["with_s", "without_s", "added_s"],
     "gpu_sd_shape.py": ["b1_step_s", "b2_step_s", "b1_cph", "b2_cph", "speedup"],
     "vs_reference.py": ["ours_asr", "port_asr", "ours_s_per_case", "port_s_per_case", "time_ratio"],
+    "smoke_attack.py": ["smoke_gate_s", "smoke_case_s", "step_ms", "render_s"],
+    "validity.py": ["erased_no_attack", "erased_random_fast", "erased_uda_fast",
+                    "leaky_no_attack", "leaky_random_fast", "leaky_uda_fast"],
 }
+
+
+def test_every_benchmark_script_is_run_here():
+    """A new benchmark script joins EXPECTED_KEYS, so its --quick mode is kept working."""
+    scripts = {path.name for path in BENCHMARKS.glob("*.py") if not path.name.startswith("_")}
+    assert scripts == set(EXPECTED_KEYS)
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED_KEYS))

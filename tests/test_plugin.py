@@ -129,6 +129,34 @@ gates:
     assert text_checks("with-text") > 0 and text_checks("ids-only") == 0
 
 
+def test_candidates_per_check_in_a_suite_reaches_the_attack(pytester, gate_args, tmp_path):
+    """The gate key ``candidates_per_check: n`` reaches the attack's settings (and so its store key);
+    a value above the budget's steps per timestep stops collection, naming the file and the gate."""
+    pytester.makepyfile(judges=JUDGES)
+    pytester.syspathinsert()
+    prompts = [f"a photo of thing number {i}" for i in range(2)]
+    gate = f'concept: circle, prompts: {prompts}, judge: "judges:never", max_asr: 0.5, budget: smoke, render: {{steps: 2}}'
+    pytester.makefile(".yaml", unlearn_ranked=f"""
+gates:
+  - {{name: ranked, {gate}, candidates_per_check: 3}}
+  - {{name: plain, {gate}}}
+""")
+    result = pytester.runpytest(*gate_args, "--unlearn-no-store")
+    result.assert_outcomes(passed=2)
+
+    def attack_config(gate: str) -> dict:
+        [path] = (tmp_path / "report" / "gates").glob(f"*_{gate}-*.json")
+        return json.loads(path.read_text())["result"]["config"]["attack_config"]
+
+    assert attack_config("ranked")["candidates_per_check"] == 3
+    assert "candidates_per_check" not in attack_config("plain")  # the default, left out of the store key
+
+    pytester.makefile(".yaml", unlearn_ranked=f"gates:\n  - {{name: too-many, {gate}, candidates_per_check: 4}}\n")
+    result = pytester.runpytest(*gate_args, "--unlearn-no-store")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*unlearn_ranked.yaml, gates?0?: *candidates_per_check is 4, more than its 3 steps_per_timestep*"])
+
+
 @pytest.mark.parametrize(
     ("gate", "message"),
     [
