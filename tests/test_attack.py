@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -678,6 +679,27 @@ def test_candidates_per_check_renders_the_blocks_lowest_loss_candidate_and_keeps
                                                  (chosen.adversarial_ids, last.adversarial_ids)], latent, chosen.timestep, noises)
             assert losses[0] <= losses[1]
     assert changed, "no block chose another candidate than its last: the test shows nothing"
+
+
+def test_candidates_per_check_ranking_time_counts_as_optimization_time(tiny_model, base_model, monkeypatch):
+    """The ranking's model calls are part of the search: a case's ``optimize_s`` includes them, so
+    the report's timings add up (they were missing from every bucket)."""
+    from pytest_unlearnatk.attacks import unlearndiffatk
+
+    calls, pause = [], 0.5
+    rank = unlearndiffatk.candidate_losses
+
+    def slow_ranking(*args, **kwargs):  # the same losses, half a second later
+        calls.append(1)
+        time.sleep(pause)
+        return rank(*args, **kwargs)
+
+    monkeypatch.setattr(unlearndiffatk, "candidate_losses", slow_ranking)
+    budget = get_preset("reference", num_timesteps=2, steps_per_timestep=4, candidates_per_check=4)
+    result = run_gate(tiny_model, load_cases(CASES[:1]), never, budget=budget, base=base_model, render=FAST_RENDER,
+                      progress=False)
+    assert calls, "no block ranked more than one candidate: the test shows nothing"
+    assert result.cases[0].timings["optimize_s"] >= pause * len(calls)
 
 
 def test_candidates_per_check_steps_store_key_and_noise_for_the_largest_case_seed():

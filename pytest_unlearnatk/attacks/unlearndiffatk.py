@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -536,7 +537,9 @@ class _BatchedOptimization(FixedShapeBatch):
             outcome.loss_trace.extend(losses)
             slot.block_losses, slot.step_in_block = [], 0
             if self.config.candidates_per_check > 1:  # after the loss check: a broken model stops first
+                started = time.perf_counter()
                 candidate = self._best_candidate(slot, candidate)
+                outcome.optimize_seconds += time.perf_counter() - started  # the ranking is part of the search
             if candidate == slot.last_checked:  # same tokens, same image: it was a miss already
                 last_score = next(check.score for check in reversed(outcome.checks) if not check.text)
                 outcome.checks.append(CandidateCheck(outcome.steps, slot.timestep, candidate, rendered=False, hit=False,
