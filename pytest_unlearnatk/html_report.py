@@ -161,6 +161,8 @@ def _summary(records: list[dict[str, Any]]) -> str:
     return f'<table class="summary"><tr>{head}</tr>{"".join(body)}</table>'
 
 
+PAGE_START = "<!doctype html><html><head><meta charset='utf-8'><title>unlearn gates</title>"  # how a reset knows the page is ours
+
 STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; margin-top: 2em; }
@@ -214,7 +216,7 @@ def write_html_report(report_dir: str | Path, gate_files: list[str] | None = Non
     sections = [_gate_section(data["record"], data["result"], report_dir / "images", show_unsafe) for data in gates]
     body = (_summary([data["record"] for data in gates]) + FILTER + "".join(sections)) if gates else "<p>No gates ran.</p>"
     page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>unlearn gates</title><style>{STYLE}</style></head>"
+        f"{PAGE_START}<style>{STYLE}</style></head>"
         f"<body><h1>Unlearning attack gates ({len(gates)})</h1>{body}{SCRIPT}</body></html>"
     )
     out = report_dir / "index.html"

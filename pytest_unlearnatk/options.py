@@ -209,6 +209,10 @@ class RunOptions:
             raise OptionError(("report", "baseline"), values["report"],
                               "are the same directory: this run's report would replace the baseline; use another one")
         values["store"] = str(Path(values["store"] or root / ".unlearnatk").expanduser().resolve())
+        if values["report"] and Path(values["report"]).expanduser().resolve() == Path(values["store"]):
+            raise OptionError(("report", "store"), values["report"],
+                              "are the same directory: the report's images/ would mix with the store's; "
+                              "give the report a directory of its own (e.g. unlearn-report)")
         return cls(**values)
 
     @classmethod

@@ -256,24 +256,55 @@ def write_json(path: Path, data: Any) -> None:
         raise report_problem(path.parent, error) from None
 
 
-REPORT_PARTS = ("gates", "images", "index.html", "unlearnatk-report.json")  # what a run writes in its report dir
+def _json_keys(path: Path) -> set[str]:
+    """The top-level keys of a JSON object file; empty when it is not one."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
+def _written_by_a_run(path: Path) -> bool:
+    """Whether ``path`` in a report directory is a file a run writes there, by name and content:
+    a gate's JSON (``gates/*.json`` with a record and a result), a kept image (``images/`` named by
+    its SHA-256), the HTML page or the run's JSON. Nothing else in the directory is ever removed."""
+    from .html_report import PAGE_START
+    from .images import IMAGE_NAME
+
+    if not path.is_file():
+        return False
+    if path.parent.name == "gates":
+        return path.suffix == ".json" and _json_keys(path) == {"record", "result"}
+    if path.parent.name == "images":
+        return bool(IMAGE_NAME.fullmatch(path.name))
+    if path.name == "index.html":
+        start = PAGE_START.encode("utf-8")
+        with open(path, "rb") as handle:
+            return handle.read(len(start)) == start
+    return path.name == "unlearnatk-report.json" and {"format", "gates", "options"} <= _json_keys(path)
 
 
 def reset_report_dir(report_dir: str | Path) -> None:
-    """Remove what an earlier run wrote in ``report_dir`` (only those parts: other files stay), so
-    the report holds this run's gates and nothing stale."""
-    import shutil
-
+    """Remove what earlier runs wrote in ``report_dir``, so the report holds this run's gates and
+    nothing stale: only files a run writes (see ``_written_by_a_run``); the user's own files stay,
+    even in ``gates/`` or ``images/`` (a folder is removed only once it is empty)."""
     directory = Path(report_dir)
     try:
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(20, "it is a file, not a directory")
-        for part in REPORT_PARTS:
-            path = directory / part
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        for name in ("index.html", "unlearnatk-report.json"):
+            if _written_by_a_run(directory / name):
+                (directory / name).unlink()
+        for name in ("gates", "images"):
+            folder = directory / name
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if _written_by_a_run(path):
+                    path.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
     except OSError as error:
         from .images import report_problem
 

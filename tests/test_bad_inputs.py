@@ -256,6 +256,15 @@ def test_a_baseline_that_is_this_runs_report_directory_is_refused(tmp_path):
     assert error.value.names == ("report", "baseline")
 
 
+@pytest.mark.parametrize("store", [None, "kept"])
+def test_a_report_directory_that_is_the_store_is_refused(tmp_path, store):
+    """The report's reset would remove the store's kept images (same folder, same file names)."""
+    raw = {"report": str(tmp_path / (store or ".unlearnatk")), "store": store and str(tmp_path / store)}
+    with pytest.raises(OptionError, match="are the same directory: the report's images/ would mix") as error:
+        RunOptions.from_raw(raw, root=tmp_path)
+    assert error.value.names == ("report", "store")
+
+
 def test_a_base_that_is_a_weights_file_says_so(tiny_dir, tmp_path):
     import torch
     from safetensors.torch import save_file
@@ -468,14 +477,20 @@ def test_two_suites_with_a_gate_of_the_same_name_keep_both_reports(pytester, tin
     (pytester.path / "b" / "unlearn_one.yaml").write_text(SUITE % (0.5, "never"))
     report = pytester.path / "report"
     (report / "gates").mkdir(parents=True)
-    (report / "gates" / "stale-gate-from-last-week.json").write_text("{}")
+    (report / "gates" / "stale-gate-from-last-week.json").write_text('{"record": {}, "result": {}}')
+    (report / "gates" / "mine.txt").write_text("mine")  # a user's folder named gates/: theirs stays
+    (report / "images").mkdir()
+    (report / "images" / "photo.jpg").write_text("mine")
+    (report / "images" / ("0" * 64 + ".png")).write_text("an image a run kept")
     (report / "notes.txt").write_text("mine")
     result = pytester.runpytest(f"--unlearn-model={tiny_dir}", f"--unlearn-report={report}", "--unlearn-no-store",
                                 "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["a/unlearn_one.yaml::circle *FAIL*", "b/unlearn_one.yaml::circle *PASS*"])
-    files = sorted(path.name for path in (report / "gates").iterdir())
+    files = sorted(path.name for path in (report / "gates").glob("*.json"))
     assert len(files) == 2 and "stale-gate-from-last-week.json" not in files  # both gates, nothing stale
+    assert not (report / "images" / ("0" * 64 + ".png")).exists()
+    assert (report / "gates" / "mine.txt").read_text() == (report / "images" / "photo.jpg").read_text() == "mine"
     assert sorted(json.loads((report / "gates" / name).read_text())["record"]["asr"] for name in files) == [0.0, 1.0]
     assert (report / "notes.txt").read_text() == "mine"  # what we did not write stays
     shown = [name for name in files for case in json.loads((report / "gates" / name).read_text())["result"]["cases"]
