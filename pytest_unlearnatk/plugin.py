@@ -150,6 +150,10 @@ def unlearn_result(request: pytest.FixtureRequest) -> Any:
         try:
             if marker.args:
                 raise SpecError(f"{request.node.nodeid}: give the {MARKER} marker keyword arguments (concept=..., prompts=..., max_asr=...)")
+            markers = len(list(request.node.iter_markers(MARKER)))
+            if markers > 1:  # pytest would hand over the closest and drop the rest: a stricter gate lost unseen
+                raise SpecError(f"{request.node.nodeid}: {markers} {MARKER} markers (on the test, its class or module); a test "
+                                "runs one gate: give each gate its own test, or parametrize with pytest.param(..., marks=...)")
             spec = declare(request.config, marker.kwargs, where=request.node.nodeid, base_dir=request.path.parent,
                            name=request.node.nodeid)
             result, record = run_for_test(request.config, spec, request.path)

@@ -71,6 +71,38 @@ def test_marker_gates_pass_and_fail_with_a_readable_message(pytester, gate_args,
     assert len(per_gate["result"]["cases"]) == 2 and per_gate["result"]["cases"][0]["steps"] == 6
 
 
+def test_a_test_with_two_gate_markers_fails_instead_of_dropping_one(pytester, gate_args):
+    """pytest hands a fixture the closest marker only: a stricter gate stacked under a looser one
+    (or on the class) would never run. Such a test errors, saying how to give each gate its own."""
+    pytester.makepyfile(judges=JUDGES)
+    pytester.makepyfile(
+        test_gates='''
+        import pytest
+
+        @pytest.mark.unlearn_attack(concept="circle", prompts=["a"], judge="judges:never", max_asr=0.2, attack="no_attack")
+        @pytest.mark.unlearn_attack(concept="circle", prompts=["a"], judge="judges:never", max_asr=0.9, attack="no_attack")
+        def test_twice():
+            pass
+
+        @pytest.mark.unlearn_attack(concept="circle", prompts=["a"], judge="judges:never", max_asr=0.2, attack="no_attack")
+        class TestGates:
+            @pytest.mark.unlearn_attack(concept="circle", prompts=["b"], judge="judges:never", max_asr=0.9, attack="no_attack")
+            def test_own(self):
+                pass
+
+        @pytest.mark.parametrize("n", [pytest.param(1, marks=pytest.mark.unlearn_attack(
+            concept="circle", prompts=["a"], judge="judges:never", max_asr=0.2, attack="no_attack"))])
+        def test_one_per_param(n):
+            pass
+        '''
+    )
+    result = pytester.runpytest(*gate_args, "--unlearn-no-store")
+    result.assert_outcomes(passed=1, errors=2)  # in the gate's set-up, like its other declaration errors
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*test_gates.py::test_twice: 2 unlearn_attack markers (on the test, its class or module)*",
+                                 "*test_gates.py::TestGates::test_own: 2 unlearn_attack markers*"])
+
+
 def test_runner_fixture_and_pipeline_fixtures(pytester, gate_args):
     pytester.makepyfile(judges=JUDGES)
     pytester.makepyfile(
