@@ -56,9 +56,13 @@ def load_cases(source: str | Path | Iterable[Any], *, limit: int | None = None) 
     missing case numbers to the row's 0-based position. ``limit`` keeps the first N cases.
     """
     if isinstance(source, str):
+        if not source.strip():
+            raise UnlearnAtkError("the prompt source is empty; give a prompt file, a prompt set (toy:circle) or a list of prompts")
         source = resolve_prompt_set(source)
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if path.is_dir():
+            raise UnlearnAtkError(f"prompt file {path} is a directory; give a .csv, .yaml or .json file in it")
         if not path.is_file():
             raise UnlearnAtkError(f"prompt file {path} does not exist")
         suffix = path.suffix.lower()
@@ -68,11 +72,14 @@ def load_cases(source: str | Path | Iterable[Any], *, limit: int | None = None) 
             cases = _read_structured(path)
         else:
             raise UnlearnAtkError(f"{path}: unknown prompt file type {suffix!r}; use .csv (I2P schema), .yaml or .json")
+    elif isinstance(source, Mapping) or not isinstance(source, Iterable):
+        raise UnlearnAtkError(f"prompts: got a {type(source).__name__}; give a prompt file, a prompt set (toy:circle) "
+                              "or a list of prompts (strings or mappings with a 'prompt' key)")
     else:
         cases = _from_entries(list(source), where="prompt list")
     if limit is not None:
-        if limit < 1:
-            raise UnlearnAtkError(f"limit={limit}: must be a positive number of cases")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise UnlearnAtkError(f"limit={limit!r}: must be a whole number of cases >= 1")
         cases = cases[:limit]
     return cases
 
@@ -99,13 +106,76 @@ def _read_csv(path: Path) -> list[Case]:
                 f"{path}: no 'prompt' column (columns: {fieldnames}); the I2P schema needs "
                 "prompt, and optionally evaluation_seed, evaluation_guidance, case_number"
             )
-        rows = [
-            {_ALIASES[k]: v for k, v in row.items() if k in _ALIASES and k != "id" and v not in (None, "")}
-            for row in reader
-        ]
+        read = _csv_columns(path, fieldnames)
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            empty = [column for column in read if column != "prompt" and (row.get(column) or "").strip() == ""]
+            if empty:
+                raise UnlearnAtkError(
+                    f"{path}, line {line}: the {empty[0]!r} cell is empty; fill it in, or remove the column "
+                    f"to give every case the default ({_DEFAULTS[_ALIASES[empty[0]]]})"
+                )
+            rows.append({_ALIASES[k]: v for k, v in row.items() if k in read and v not in (None, "")})
     except csv.Error as exc:
         raise UnlearnAtkError(f"{path}: not a valid CSV file ({exc})") from None
     return _from_entries(rows, where=str(path), first_line=2)
+
+
+_DEFAULTS = {"seed": f"seed {DEFAULT_SEED}", "guidance": f"guidance {DEFAULT_GUIDANCE}",
+             "case_id": "case number = the row's position from 0"}
+
+
+def _csv_columns(path: Path, fieldnames: list[str]) -> list[str]:
+    """The columns of a CSV file that are read (the I2P schema's; others, like I2P's ``categories``,
+    are left alone). A repeated column, or two that give the same field (``seed`` and
+    ``evaluation_seed``), is an error; a column that looks like a misspelt one is warned about."""
+    import difflib
+    import warnings
+
+    repeated = sorted({name for name in fieldnames if fieldnames.count(name) > 1})
+    if repeated:
+        raise UnlearnAtkError(f"{path}: the column {repeated[0]!r} appears more than once in the header; keep one")
+    read = [name for name in fieldnames if name in _ALIASES and name != "id"]
+    for field in set(_ALIASES.values()):
+        giving = [name for name in read if _ALIASES[name] == field]
+        if len(giving) > 1:
+            raise UnlearnAtkError(f"{path}: the columns {giving} give the same {field}; keep one")
+    for name in fieldnames:
+        if name in _ALIASES:
+            continue
+        close = difflib.get_close_matches(name.strip().lower(), [n for n in _ALIASES if n != "id"], n=1, cutoff=0.8)
+        if close:
+            warnings.warn(f"{path}: the column {name!r} is not read (did you mean {close[0]!r}?); the cases take "
+                          f"the default {_DEFAULTS.get(_ALIASES[close[0]], 'value')}", UserWarning, stacklevel=4)
+    return read
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as ``yaml.safe_load`` reads it, except that a key given twice in one mapping is an
+    error naming the key and its line: ``max_asr: 0.2`` then ``max_asr: 0.9`` would otherwise keep
+    the last, loosening a gate unseen. Keys brought in by a merge (``<<: *defaults``) may still be
+    overridden; that is what a merge is for."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: the parent class says what is wrong with it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"the key {key!r} appears twice (line {key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def read_text(path: Path) -> str:
@@ -126,9 +196,7 @@ def _read_structured(path: Path) -> list[Case]:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
     except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError both derive from it or are caught below
         raise UnlearnAtkError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from exc
     except Exception as exc:
@@ -165,6 +233,10 @@ def _to_case(entry: Any, index: int, label: str) -> Case:
     unknown = [k for k in entry if k not in _ALIASES]
     if unknown:
         raise UnlearnAtkError(f"{label}: unknown key(s) {unknown}; allowed: {sorted(_ALIASES)}")
+    for field in set(_ALIASES.values()):
+        giving = [k for k in entry if _ALIASES[k] == field]
+        if len(giving) > 1:
+            raise UnlearnAtkError(f"{label}: the keys {giving} give the same {field}; keep one")
     fields = {_ALIASES[k]: v for k, v in entry.items()}
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():

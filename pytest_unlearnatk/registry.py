@@ -182,6 +182,9 @@ def split_scheme(name: str, registry: Registry) -> NameScheme | None:
     return registry.entry(scheme).load()
 
 
+CALLABLE_RETURNS = {"prompt set": "a file path or a list of prompts", "model source": "a path, a hub id or a ModelRef"}
+
+
 def resolve_named(name: str, registry: Registry, exists: Callable[[str], bool]) -> Any | None:
     """What a model or prompt-set name stands for when it is not a plain path: a registered
     ``scheme:name`` (the scheme's ``resolve``), or a ``module:callable`` (called with no arguments).
@@ -195,7 +198,11 @@ def resolve_named(name: str, registry: Registry, exists: Callable[[str], bool]) 
             raise UnlearnAtkError(f"unknown {registry.kind} {name!r}; {name.partition(':')[0]}: has {', '.join(known)}")
         return scheme.resolve(name)
     if is_reference(name):
-        return import_reference(name, f"{registry.kind} {name!r}")()
+        resolved = import_reference(name, f"{registry.kind} {name!r}")()
+        if resolved is None:
+            returns = CALLABLE_RETURNS.get(registry.kind, "a value")
+            raise UnlearnAtkError(f"{registry.kind} {name!r} returned None; it must return {returns}")
+        return resolved
     return None
 
 

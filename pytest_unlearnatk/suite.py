@@ -63,8 +63,12 @@ class SuiteFile(pytest.File):
     def collect(self) -> Iterator[pytest.Item]:
         import yaml
 
+        from .cases import load_yaml, read_text
+
         try:
-            data = yaml.safe_load(self.path.read_text("utf-8"))
+            data = load_yaml(read_text(self.path))
+        except UnlearnAtkError as error:  # not UTF-8, or not readable
+            raise self.CollectError(str(error)) from None
         except yaml.YAMLError as error:
             raise self.CollectError(f"{self.path}: not valid YAML: {error}") from None
         if not isinstance(data, dict) or not isinstance(data.get("gates"), list) or not data["gates"]:

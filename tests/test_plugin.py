@@ -213,6 +213,35 @@ def test_invalid_suites_fail_at_collection_with_file_key_and_fix(pytester, gate,
     assert "Traceback" not in result.stdout.str()
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    # a merge gone wrong: YAML itself keeps the last value, which here loosens the gate
+    ("gates:\n  - concept: nudity\n    prompts: p.csv\n    max_asr: 0.2\n    max_asr: 0.9\n",
+     ["*unlearn_bad.yaml: not valid YAML: while reading a mapping", "the key 'max_asr' appears twice (line 5); keep one"]),
+    ("gates:\n  - {concept: nudity, prompts: p.csv, max_asr: 0.2}\ngates: []\n", ["the key 'gates' appears twice (line 3); keep one"]),
+    ("gates:\n  - concept: caf\xe9\n".encode("latin-1"), ["*unlearn_bad.yaml: not UTF-8 text (byte *); save it as UTF-8*"]),
+])
+def test_a_suite_with_a_repeated_key_or_not_in_utf8_fails_at_collection(pytester, content, message):
+    pytester.makefile(".csv", p="prompt\na photo\n")
+    path = pytester.path / "unlearn_bad.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*ERROR collecting unlearn_bad.yaml*", *message])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_a_merge_key_may_override_what_it_brings_in(pytester, gate_args):
+    """``<<: *defaults`` then an own ``max_asr``: the gate's own value wins, as YAML defines a merge."""
+    pytester.makepyfile(judges=JUDGES)
+    pytester.syspathinsert()
+    pytester.makefile(".yaml", unlearn_merged="""
+defaults: &defaults {concept: circle, prompts: [a, b], attack: no_attack, judge: "judges:always", max_asr: 1.0}
+""".replace("defaults: &defaults", "gates:\n  - &defaults") + "  - {<<: *defaults, name: strict, max_asr: 0.5}\n")
+    result = pytester.runpytest(*gate_args, "--unlearn-no-store")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*strict*100.0%*50.0%*FAIL*"])
+
+
 def test_gate_without_a_model_is_a_clear_test_error(pytester):
     pytester.makepyfile(
         test_needs_model='''
