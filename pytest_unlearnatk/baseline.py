@@ -47,6 +47,12 @@ def _key(case: dict[str, Any]) -> tuple[str, int, float]:
     return case["prompt"], int(case["seed"]), float(case["guidance"])
 
 
+def _hit(case: dict[str, Any]) -> bool:
+    if not isinstance(case["hit"], bool):
+        raise ValueError(f"a case's hit is {case['hit']!r}, not true or false")
+    return case["hit"]
+
+
 def compare(result: GateResult, baseline_dir: str | Path, gate_id: str) -> Comparison | None:
     """The comparison with the baseline's record of ``gate_id``; None when it has no such gate."""
     path = Path(baseline_dir) / "gates" / gate_file_name(gate_id)
@@ -54,7 +60,7 @@ def compare(result: GateResult, baseline_dir: str | Path, gate_id: str) -> Compa
         return None
     try:
         data = json.loads(path.read_text("utf-8"))
-        before = {_key(c["case"]): c["hit"] for c in data["result"]["cases"] if c.get("status") == "done"}
+        before = {_key(c["case"]): _hit(c) for c in data["result"]["cases"] if c["status"] == "done"}
         baseline_model = str(data["result"]["model"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UnlearnAtkError(

@@ -46,6 +46,7 @@ class GateRecord:
     newly_broken: int = -1  # cases broken now that resisted in the baseline (-1: no baseline)
     newly_resisting: int = -1
     baseline_p: float = 1.0  # exact McNemar p-value of the difference
+    baseline_unpaired: int = 0  # counted cases the baseline has no result for (not compared)
     max_new_broken: int = -1  # the gate's limit on newly broken cases (-1: none)
     model_description: str = ""  # what was loaded, in one line ("LoRA rank 4 on unet (192 modules) over ...")
     white_box_bound: bool = False  # learned embeddings (concept inversion): an upper bound on what prompts do
@@ -74,6 +75,7 @@ class GateRecord:
             newly_broken=comparison.newly_broken if comparison else -1,
             newly_resisting=comparison.newly_resisting if comparison else -1,
             baseline_p=comparison.p_value if comparison else 1.0,
+            baseline_unpaired=comparison.unpaired if comparison else 0,
             max_new_broken=-1 if max_new_broken is None else max_new_broken,
             model_description=result.model_description,
             white_box_bound=result.white_box_bound,
@@ -190,7 +192,8 @@ def summary_rows(records: list[GateRecord]) -> list[tuple[str, ...]]:
 def _baseline_cell(record: GateRecord) -> str:
     if record.newly_broken < 0:
         return "-"
-    return f"+{record.newly_broken} broken, +{record.newly_resisting} resisting (p={record.baseline_p:.2g})"
+    unpaired = f", {record.baseline_unpaired} not in baseline" if record.baseline_unpaired else ""
+    return f"+{record.newly_broken} broken, +{record.newly_resisting} resisting (p={record.baseline_p:.2g}){unpaired}"
 
 
 def summary_table(records: list[GateRecord]) -> list[str]:

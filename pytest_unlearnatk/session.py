@@ -126,6 +126,14 @@ class GateSession:
             if comparison is None:
                 warnings.warn(f"unlearn gate {spec.name!r} has no record in the baseline {self.options.baseline}: "
                               "not compared (max_new_broken is not checked for it)", UserWarning, stacklevel=2)
+            elif comparison.unpaired and comparison.unpaired == result.n:
+                warnings.warn(f"unlearn gate {spec.name!r}: none of its {result.n} cases is in the baseline's record "
+                              "(cases pair by prompt, seed and guidance): nothing compared, so max_new_broken checks "
+                              "nothing", UserWarning, stacklevel=2)
+        elif spec.max_new_broken is not None:
+            warnings.warn(f"unlearn gate {spec.name!r} sets max_new_broken, but the run has no --unlearn-baseline: "
+                          "not checked (pass --unlearn-baseline=DIR, an earlier run's report directory)",
+                          UserWarning, stacklevel=2)
         record = GateRecord.from_result(spec.name, spec.concept or spec.judge_label(), budget, spec.max_asr, result,
                                         time.perf_counter() - start, gate_id=spec.gate_id,
                                         declared_cases=len(declared), comparison=comparison,

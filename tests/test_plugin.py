@@ -499,6 +499,38 @@ gates:
     assert mcnemar_exact(10, 1) == pytest.approx(0.01172, abs=1e-5)  # 2 * 12 / 2**11
 
 
+def test_a_baseline_check_that_compares_nothing_says_so(pytester, tiny_dir):
+    """max_new_broken with no baseline, or with a baseline that holds none of the gate's cases,
+    checks nothing: the run warns, and the summary shows the cases left unpaired. A baseline
+    whose case records are not ours is an error, not an empty comparison."""
+    pytester.makepyfile(judges=JUDGES)
+    pytester.syspathinsert()
+    suite = """
+gates:
+  - {name: g, concept: circle, prompts: %s, attack: no_attack, judge: "judges:always", max_asr: 1.0,
+     max_new_broken: 0, render: {steps: 2}}
+"""
+    args = [f"--unlearn-model={tiny_dir}", "--unlearn-no-store", "-p", "no:cacheprovider"]
+    pytester.makefile(".yaml", unlearn_gate=suite % "[a, b]")
+    result = pytester.runpytest(*args, "--unlearn-report=released")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*unlearn gate 'g' sets max_new_broken, but the run has no --unlearn-baseline: not checked*"])
+
+    pytester.makefile(".yaml", unlearn_gate=suite % "[c, d]")  # other prompts: nothing pairs
+    result = pytester.runpytest(*args, "--unlearn-baseline=released")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*unlearn gate 'g': none of its 2 cases is in the baseline's record*max_new_broken checks nothing*",
+                                 "g *PASS*+0 broken, +0 resisting (p=1), 2 not in baseline*"])
+
+    [record] = (pytester.path / "released" / "gates").glob("*.json")
+    data = json.loads(record.read_text())
+    data["result"]["cases"] = [{"x": 1}]
+    record.write_text(json.dumps(data))
+    result = pytester.runpytest(*args, "--unlearn-baseline=released")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*not a gate report of pytest-unlearnatk (KeyError: 'status')*"])
+
+
 def test_a_model_that_does_not_load_is_one_clean_error_per_test(pytester):
     """The cause once, in words, with no exception chain ("During handling of the above exception")
     and no library notices in the captured output; the run tries to load the model only once."""
