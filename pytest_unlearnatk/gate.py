@@ -22,7 +22,7 @@ import functools
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,17 @@ class GateSettings:
             from .checks import finite
 
             stop_settled_at = finite(stop_settled_at, "stop_settled_at (a max_asr)", 0.0, 1.0)
+        if concept is not None and not isinstance(concept, str):
+            raise UnlearnAtkError(f"concept={concept!r}: give the concept's name as text (e.g. 'nudity'), or None")
+        if isinstance(render, Mapping):  # as a YAML gate writes it: {steps: 25}
+            try:
+                render = RenderSettings(**render)
+            except TypeError as error:
+                raise UnlearnAtkError(f"render={dict(render)!r}: {error}; the keys are those of RenderSettings") from None
+        elif render is not None and not isinstance(render, RenderSettings):
+            raise UnlearnAtkError(f"render={render!r}: give a RenderSettings (or a mapping of its fields), or None")
+        if attack is None:
+            raise UnlearnAtkError("attack=None: give an attack name (e.g. 'unlearndiffatk', 'no_attack') or an attack object")
         judge = get_judge(judge)
         return cls(
             attack=get_attack(attack, budget, **(attack_settings or {})), judge=judge, render=render or RenderSettings(),
@@ -202,6 +213,23 @@ def settled(finished: Iterable[CaseResult], total: int, max_asr: float | None) -
     return fails_anyway or passes_anyway
 
 
+def _check_run_objects(model: Any, base: Any, store: Any, progress: Any, on_case: Any, image_dir: Any) -> None:
+    """The objects ``run_gate`` is given, checked before any model work (each named with its fix)."""
+    for keyword, value in (("model", model), ("base", base)):
+        if (value is not None or keyword == "model") and not isinstance(value, (LoadedModel, LazyModel)):
+            hint = f": load it first, {keyword}=load_pipeline({value!r})" if isinstance(value, (str, Path)) else ""
+            raise UnlearnAtkError(f"{keyword}={value!r:.80} is not a loaded model{hint} (a LoadedModel or LazyModel)")
+    if store is not None and not isinstance(store, Store):
+        hint = f": open it first, store=Store({store!r})" if isinstance(store, (str, Path)) else ""
+        raise UnlearnAtkError(f"store={store!r:.80} is not a Store{hint}")
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise UnlearnAtkError(f"progress={progress!r}: give True (a progress bar), False, or a callable that takes a GateProgress")
+    if on_case is not None and not callable(on_case):
+        raise UnlearnAtkError(f"on_case={on_case!r}: give a callable that takes each CaseResult, or None")
+    if image_dir is not None and not isinstance(image_dir, (str, Path)):
+        raise UnlearnAtkError(f"image_dir={image_dir!r}: give a directory path, or None")
+
+
 def execute(
     model: Model,
     cases: Iterable[Case] | str | Path,
@@ -215,6 +243,7 @@ def execute(
     on_case: Callable[[CaseResult], None] | None = None,
 ) -> GateResult:
     """Run a gate from checked settings (see :func:`run_gate` for the arguments)."""
+    _check_run_objects(model, base, store, progress, on_case, image_dir)
     if base is None and settings.target_dir is None and model.base is not None:
         # a weights file (or a registered unlearned model) names the model it came from: it renders the targets
         base = LazyModel(model.base, device=model.device, dtype=model.dtype)

@@ -80,7 +80,7 @@ class ImageKeeper:
             try:
                 atomic_write_bytes(self.directory / name, data)
             except OSError as error:
-                raise report_problem(self.directory, error) from None
+                raise image_dir_problem(self.directory, error) from None
         if self.store is not None:
             self.store.put_image(name, data)
         return name
@@ -102,8 +102,14 @@ class ImageKeeper:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, self.directory / name)
         except OSError as error:
-            raise report_problem(self.directory, error) from None
+            raise image_dir_problem(self.directory, error) from None
         return True
+
+
+def image_dir_problem(directory: Path, error: OSError) -> SettingProblem:
+    """The image directory cannot be written: ``image_dir`` in Python (in pytest, the report's)."""
+    return SettingProblem("image_dir", f"could not write images in {directory} ({error.strerror or error})",
+                          "DIR, a writable directory")
 
 
 def report_problem(directory: Path, error: OSError) -> SettingProblem:

@@ -422,7 +422,10 @@ def _from_pretrained(directory: Path, dtype: str, **components: Any) -> Any:
             pipeline = StableDiffusionPipeline.from_pretrained(
                 directory, dtype=getattr(torch, dtype), safety_checker=None, requires_safety_checker=False, **components
             )
-    except (OSError, ValueError, KeyError) as exc:
+    except KeyError as exc:  # a model_index.json without a key diffusers needs
+        raise UnlearnAtkError(f"{directory}: could not load it as a Stable Diffusion pipeline: its model_index.json "
+                              f"has no {exc} entry; it must be the one save_pretrained wrote") from exc
+    except (OSError, ValueError) as exc:
         raise UnlearnAtkError(f"{directory}: could not load it as a Stable Diffusion pipeline: {exc}") from exc
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

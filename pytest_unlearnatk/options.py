@@ -194,7 +194,9 @@ class RunOptions:
             value = raw.get(spec.name)
             if spec.metadata.get("flag"):
                 values[spec.name] = bool(value)
-            elif value is None or value == "":
+            elif isinstance(value, str) and not value.strip():
+                raise OptionError((spec.name,), value, "is empty: give a value, or leave the option out for its default")
+            elif value is None:
                 values[spec.name] = spec.default if spec.metadata["parse"] is None else spec.metadata["parse"](None)
             else:
                 try:
@@ -203,6 +205,11 @@ class RunOptions:
                     raise OptionError((spec.name,), value, str(error)) from None
         if values["no_store"] and values["store_readonly"]:
             raise OptionError(("no_store", "store_readonly"), True, "contradict each other; pick one")
+        if values["no_store"] and values["replay_only"]:
+            raise OptionError(("replay_only", "no_store"), True,
+                              "contradict each other: a replay-only run replays what the store holds; drop one")
+        if values["no_store"] and values["store"]:
+            raise OptionError(("store", "no_store"), values["store"], "contradict each other; pick one")
         if values["no_store"] and values["shard"]:
             raise OptionError(("shard", "no_store"), values["shard"], "shards meet in the store; drop the one without a store")
         if values["baseline"] and values["report"] and Path(values["report"]).expanduser().resolve() == Path(values["baseline"]):

@@ -49,8 +49,11 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}(concept, prompts, max_asr, judge=None, attack='unlearndiffatk', budget=None, limit=None, "
         "n_tokens=None, render=None, batch=None): make this test a safety gate that fails when the attack success rate exceeds max_asr",
     )
-    raw = {name: config.getoption(f"unlearn_{name}") or config.getini(f"unlearn_{name}") or None
-           for name, _ in RunOptions.declarations()}
+    def raw_value(name: str) -> Any:
+        given = config.getoption(f"unlearn_{name}")  # None when not on the command line; "" when given empty
+        return given if given is not None else (config.getini(f"unlearn_{name}") or None)
+
+    raw = {name: raw_value(name) for name, _ in RunOptions.declarations()}
     try:
         options = RunOptions.from_raw(raw, root=config.rootpath)
     except OptionError as error:
@@ -127,9 +130,12 @@ def unlearn_gate(request: pytest.FixtureRequest) -> Callable[..., Any]:
     """
     counter = iter(range(1, 1_000_000))
 
-    def run(**declared: Any) -> Any:
+    def run(*positional: Any, **declared: Any) -> Any:
         name = f"{request.node.nodeid}#{next(counter)}"
         try:
+            if positional:
+                raise SpecError(f"{request.node.nodeid}: give unlearn_gate keyword arguments (concept=..., prompts=..., "
+                                f"max_asr=...), not {len(positional)} positional one(s)")
             spec = declare(request.config, declared, where=request.node.nodeid, base_dir=request.path.parent, name=name)
             result, record = run_for_test(request.config, spec, request.path)
         except (SpecError, UnlearnAtkError) as error:

@@ -289,13 +289,19 @@ def _written_by_a_run(path: Path) -> bool:
 
 
 def reset_report_dir(report_dir: str | Path) -> None:
-    """Remove what earlier runs wrote in ``report_dir``, so the report holds this run's gates and
-    nothing stale: only files a run writes (see ``_written_by_a_run``); the user's own files stay,
-    even in ``gates/`` or ``images/`` (a folder is removed only once it is empty)."""
+    """Make sure ``report_dir`` can be written, and remove what earlier runs wrote there, so the
+    report holds this run's gates and nothing stale: only files a run writes (see
+    ``_written_by_a_run``); the user's own files stay, even in ``gates/`` or ``images/`` (a folder
+    is removed only once it is empty)."""
+    import tempfile
+
     directory = Path(report_dir)
     try:
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(20, "it is a file, not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):  # writable now, not found out after the gates ran
+            pass
         for name in ("index.html", "unlearnatk-report.json"):
             if _written_by_a_run(directory / name):
                 (directory / name).unlink()

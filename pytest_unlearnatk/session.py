@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import SettingProblem
+from .errors import SettingProblem, UnlearnAtkError
 from .options import RunOptions
 from .registry import Registries, discover
 from .report import GateRecord, write_gate_report
@@ -90,8 +90,17 @@ class GateSession:
         options = self.options
         attack_class = self.registries.attacks.get(spec.attack)
         budget = options.budget_for(spec.budget, attack_class.presets)
+        try:
+            attack = configure_attack(attack_class, budget, **spec.attack_settings)
+        except UnlearnAtkError as error:
+            if budget == spec.budget or budget is None:
+                raise
+            # the gate's settings were checked with its own budget: the run's --unlearn-budget broke them
+            raise UnlearnAtkError(f"{spec.where}: {error} (at the budget {budget!r} of --unlearn-budget, which "
+                                  f"replaces the gate's {spec.budget or 'default'!r}); change the gate's setting or "
+                                  "run it at another budget") from None
         settings = GateSettings.build(
-            judge=spec.judge, attack=configure_attack(attack_class, budget, **spec.attack_settings),
+            judge=spec.judge, attack=attack,
             render=RenderSettings(**spec.render), concept=spec.concept, replay_only=options.replay_only,
             shard=options.shard, batch_size=options.batch_for(spec.batch), compile_unet=options.compile,
             stop_settled_at=spec.max_asr if options.stop == "settled" else None,

@@ -84,13 +84,17 @@ def parse_gate(
         raise SpecError(f"{where}: {error}") from None
 
     max_asr = declared.get("max_asr")
+    if isinstance(max_asr, str) and _is_number(max_asr):
+        raise SpecError(f"{where}: 'max_asr' is the text {max_asr!r}, not a number (quoted, or written like 2e-1, "
+                        f"which YAML reads as text); write it as a plain decimal: {float(max_asr)!r}")
     if isinstance(max_asr, bool) or not isinstance(max_asr, (int, float)):
         raise SpecError(f"{where}: 'max_asr' must be a number between 0 and 1 (e.g. 0.2 for 20%), got {max_asr!r}")
     if not 0.0 <= float(max_asr) <= 1.0:
         raise SpecError(f"{where}: 'max_asr' is {max_asr}; it is a fraction between 0 and 1 (write 0.2, not 20)")
 
-    judge = _judge(declared.get("judge") or (defaults.judge if defaults else None), concept, where, allow_callables,
-                   registries)
+    declared_judge = declared.get("judge")
+    judge = _judge(defaults.judge if declared_judge is None and defaults else declared_judge, concept, where,
+                   allow_callables, registries)
     attack = declared.get("attack", DEFAULT_ATTACK)
     budget = declared.get("budget")
     limit = _positive_int(declared, "limit", where)
@@ -110,6 +114,14 @@ def parse_gate(
         budget=budget, limit=limit, attack_settings=attack_settings, render=_render(declared.get("render"), where),
         batch=batch, where=where, gate_id=gate_id or name, max_new_broken=max_new_broken,
     )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _prompts(prompts: Any, where: str, base_dir: Path) -> str | list[Any]:
@@ -132,7 +144,18 @@ def _prompts(prompts: Any, where: str, base_dir: Path) -> str | list[Any]:
     raise SpecError(f"{where}: 'prompts' must be a file path or a list of prompts, got {type(prompts).__name__}")
 
 
+def _resolve(get: Callable[[str], Any], name: str, where: str) -> Any:
+    """``get(name)``, its UnlearnAtkError said as this gate's."""
+    try:
+        return get(name)
+    except UnlearnAtkError as error:
+        raise SpecError(f"{where}: 'judge': {error}") from None
+
+
 def _judge(judge: Any, concept: str | None, where: str, allow_callables: bool, registries: Registries) -> Any:
+    if isinstance(judge, str) and not judge.strip():
+        raise SpecError(f"{where}: 'judge' is empty; give a judge name or 'module:function', or leave the key out "
+                        "for the concept's default judge")
     if judge is None:
         raise SpecError(
             f"{where}: no judge: concept {concept!r} has no default judge; set 'judge' to a registered name, "
@@ -145,6 +168,12 @@ def _judge(judge: Any, concept: str | None, where: str, allow_callables: bool, r
     judge_name = judge.get("name") if isinstance(judge, Mapping) else judge
     if isinstance(judge, Mapping) and not isinstance(judge_name, str):
         raise SpecError(f"{where}: 'judge' {dict(judge)!r} needs a 'name' (text), e.g. {{name: imagenet, label: church}}")
+    if isinstance(judge_name, str) and is_reference(judge_name) and judge_name not in registries.judges:
+        target = _resolve(registries.judges.get, judge_name, where)
+        if not isinstance(target, type):  # a function is the judge itself: can it judge?
+            from .judges.base import CallableJudge
+
+            _resolve(lambda _: CallableJudge(target, name=judge_name), judge_name, where)
     if isinstance(judge_name, str) and not is_reference(judge_name) and judge_name not in registries.judges:
         raise SpecError(
             f"{where}: 'judge' {judge_name!r} is not a registered judge ({', '.join(registries.judges.names())}); "
@@ -157,12 +186,12 @@ def _check_attack(attack: Any, budget: Any, settings: dict[str, Any], defaults: 
                   registries: Registries) -> dict[str, Any]:
     """The attack's settings for this gate (declared ones, then the concept's defaults the attack
     takes), checked by building the attack once; no model is touched."""
-    from .attacks.base import SettingError, accepted_settings, configure_attack
+    from .attacks.base import SettingError, accepted_settings, check_attack_class, configure_attack
 
     if not isinstance(attack, str):
         raise SpecError(f"{where}: 'attack' must be a registered name or 'module:Class', got {attack!r}")
     try:
-        attack_class = registries.attacks.get(attack)
+        attack_class = check_attack_class(registries.attacks.get(attack))
     except UnlearnAtkError as error:
         raise SpecError(f"{where}: 'attack': {error}") from None
     if defaults is not None and "n_tokens" in accepted_settings(attack_class):

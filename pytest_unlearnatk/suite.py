@@ -46,8 +46,12 @@ def in_pytest_terms() -> Iterator[None]:
         raise UnlearnAtkError(option_terms(error)) from None
 
 
+OPTION_OF_SETTING = {"image_dir": "report"}  # run_gate keywords the plugin gives from another option
+
+
 def option_terms(error: SettingProblem) -> str:
-    return error.as_option(f"--unlearn-{error.name.replace('_', '-')}", f"unlearn_{error.name}")
+    name = OPTION_OF_SETTING.get(error.name, error.name)
+    return error.as_option(f"--unlearn-{name.replace('_', '-')}", f"unlearn_{name}")
 
 
 def pending_reason(record: GateRecord) -> str:
@@ -55,6 +59,9 @@ def pending_reason(record: GateRecord) -> str:
         f"unlearn gate {record.gate!r}: this shard computed {record.computed} cases; {record.pending} belong to other "
         "shards. Once every shard has run, a run without --unlearn-shard on the same store gives the verdict."
     )
+
+
+NODE_ID_SEPARATORS = ("::",)  # a gate's name is the last part of its test id
 
 
 class SuiteFile(pytest.File):
@@ -71,11 +78,11 @@ class SuiteFile(pytest.File):
             raise self.CollectError(str(error)) from None
         except yaml.YAMLError as error:
             raise self.CollectError(f"{self.path}: not valid YAML: {error}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("gates"), list) or not data["gates"]:
-            raise self.CollectError(f"{self.path}: a suite is a mapping with a non-empty 'gates' list (see docs/user-guide.md)")
-        unknown = sorted(set(data) - {"gates"})
+        unknown = sorted(map(str, set(data) - {"gates"})) if isinstance(data, dict) else []
         if unknown:
             raise self.CollectError(f"{self.path}: unknown top-level key(s) {unknown}; a suite has only 'gates'")
+        if not isinstance(data, dict) or not isinstance(data.get("gates"), list) or not data["gates"]:
+            raise self.CollectError(f"{self.path}: a suite is a mapping with a non-empty 'gates' list (see docs/user-guide.md)")
         names = set()
         for index, entry in enumerate(data["gates"]):
             where = f"{self.path}, gates[{index}]"
@@ -85,6 +92,9 @@ class SuiteFile(pytest.File):
             name = entry.pop("name", None) or entry.get("concept") or f"gate{index}"
             if not isinstance(name, str) or name in names:
                 raise self.CollectError(f"{where}: 'name' {name!r} must be a unique string within the suite")
+            if any(part in name for part in NODE_ID_SEPARATORS):
+                raise self.CollectError(f"{where}: 'name' {name!r} holds '::', which pytest reads as the separator of "
+                                        "a test id's parts (the gate could not be selected by its id); use another name")
             names.add(name)
             try:
                 spec = declare(self.config, entry, where=where, base_dir=self.path.parent, name=name,

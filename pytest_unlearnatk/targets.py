@@ -49,10 +49,15 @@ class DirectoryTargets:
         )
 
     def __call__(self, case: Case, prompt_ids: list[int]) -> Any:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(self.path_for(case)) as image:
-            return image.convert("RGB")
+        path = self.path_for(case)
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (UnidentifiedImageError, OSError) as error:
+            raise UnlearnAtkError(f"target image {path} (case {case.case_id}) could not be read as an image "
+                                  f"({error}); replace it with a PNG, JPEG or WebP file") from None
 
 
 class RenderedTargets:

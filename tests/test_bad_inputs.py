@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_unlearnatk import Case, Store, UnlearnAtkError, load_cases, run_gate
+from pytest_unlearnatk import Case, Store, UnlearnAtkError, load_cases, load_pipeline, run_gate
 from pytest_unlearnatk.images import safe_name
 from pytest_unlearnatk.judges import get_judge, to_verdict
 from pytest_unlearnatk.options import OptionError, RunOptions
@@ -118,7 +118,7 @@ BAD_GATES = [
     ({"max_asr": math.inf}, "'max_asr' is inf; it is a fraction between 0 and 1"),
     ({"max_asr": -0.1}, "'max_asr' is -0.1; it is a fraction between 0 and 1"),
     ({"max_asr": 20}, "'max_asr' is 20; it is a fraction between 0 and 1 (write 0.2, not 20)"),
-    ({"max_asr": "0.2"}, "'max_asr' must be a number between 0 and 1"),
+    ({"max_asr": "0.2"}, "'max_asr' is the text '0.2', not a number (quoted, or written like 2e-1"),
     ({"max_asr": True}, "'max_asr' must be a number between 0 and 1"),
     ({"max_asr": None}, "'max_asr' must be a number between 0 and 1"),
     ({"budget": ["smoke"]}, "'budget' is ['smoke']: give a preset name"),
@@ -171,11 +171,21 @@ BAD_GATES = [
     ({"prompts": "missing.csv"}, "'prompts' file"),
     ({"prompts": "toy:squares"}, "unknown prompt set 'toy:squares'; toy: has toy:circle"),
     ({"treshold": 0.2}, "unknown key(s) ['treshold']"),
+    ({"judge": ""}, "'judge' is empty; give a judge name or 'module:function', or leave the key out"),  # was the default
+    ({"judge": "os:sep"}, "'judge': judge os:sep is a str ('/'), not a function"),
+    ({"judge": "builtins:divmod"}, "'judge': judge builtins:divmod"),  # no signature, or the wrong one: either way named
+    ({"judge": "json:dumps"}, ""),  # one positional argument: a function that can be called as a judge passes here
+    ({"attack": "os:system"}, "'attack': system is not an attack: it is a builtin_function_or_method, not a class"),
+    ({"attack": "collections:OrderedDict"}, "OrderedDict is not an attack: it lacks name, config_class"),
+    ({"max_asr": "2e-1"}, "'max_asr' is the text '2e-1', not a number (quoted, or written like 2e-1, which YAML reads as text); write it as a plain decimal: 0.2"),
 ]
 
 
 @pytest.mark.parametrize(("change", "message"), BAD_GATES)
 def test_a_bad_gate_declaration_fails_at_collection_naming_the_key(tmp_path, change, message):
+    if not message:
+        parse_gate({**GOOD_GATE, **change}, where="suite.yaml, gates[0]", base_dir=tmp_path, name="g")
+        return
     with pytest.raises(SpecError) as error:
         parse_gate({**GOOD_GATE, **change}, where="suite.yaml, gates[0]", base_dir=tmp_path, name="g")
     assert str(error.value).startswith("suite.yaml, gates[0]: ") and message in str(error.value)
@@ -247,6 +257,16 @@ def test_a_judge_answer_that_is_not_a_clear_verdict_is_an_error(answer, message)
 def test_a_judge_that_answers_the_wrong_number_of_times_is_an_error(answer, message):
     with pytest.raises(UnlearnAtkError, match=message):
         get_judge(lambda images: answer)([object()])
+
+
+def test_a_judge_that_cannot_judge_is_refused_when_built_not_after_the_renders():
+    with pytest.raises(UnlearnAtkError, match=r"judge \S*<lambda>\(\) cannot be called with one argument, the list of images"):
+        get_judge(lambda: [True])
+    with pytest.raises(UnlearnAtkError, match=r"judge \S*two\(images, threshold\) cannot be called with one argument"):
+        def two(images, threshold):
+            return [True] * len(images)
+        get_judge(two)
+    assert get_judge(lambda images, threshold=0.5: [True] * len(images))([object()])[0].hit
 
 
 def test_a_baseline_that_is_this_runs_report_directory_is_refused(tmp_path):
@@ -536,6 +556,10 @@ def test_a_report_directory_that_is_a_file_is_a_usage_error(pytester, tiny_dir):
     result = pytester.runpytest(f"--unlearn-model={tiny_dir}", f"--unlearn-report={pytester.path / 'report'}")
     result.stderr.fnmatch_lines([("*could not write the report in *report (it is a file, not a directory): "
                                   "pass --unlearn-report=DIR, a writable directory*")])
+    # one that cannot be created is found out at the start too, not after the gates ran
+    result = pytester.runpytest(f"--unlearn-model={tiny_dir}", f"--unlearn-report={pytester.path / 'report' / 'inside'}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*could not write the report in *inside (*): pass --unlearn-report=DIR, a writable directory*"])
 
 
 def test_a_model_that_fails_to_load_is_tried_once_per_run(tmp_path):
@@ -560,3 +584,10 @@ def test_an_unwritable_target_cache_is_a_warning_not_a_failed_gate(tiny_model, b
     with pytest.warns(UserWarning, match="target image cache .* could not be written"):
         image = targets(Case("0", "a red circle"), ids)
     assert image.size == (32, 32)
+
+
+def test_a_model_index_without_its_class_name_says_which_entry_is_missing(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(UnlearnAtkError, match="its model_index.json has no '_class_name' entry; it must be the one "
+                                              "save_pretrained wrote"):
+        load_pipeline(str(tmp_path))

@@ -30,6 +30,10 @@ def test_raw_text_becomes_typed_checked_values(tmp_path):
     ({"budget": "huge"}, ("budget",), "use one of reference, fast, smoke"),
     ({"no_store": True, "store_readonly": True}, ("no_store", "store_readonly"), "contradict each other"),
     ({"no_store": True, "shard": "1/2"}, ("shard", "no_store"), "shards meet in the store"),
+    ({"budget": ""}, ("budget",), "is empty: give a value, or leave the option out"),  # was the default, unseen
+    ({"report": " "}, ("report",), "is empty"),
+    ({"no_store": True, "replay_only": True}, ("replay_only", "no_store"), "a replay-only run replays what the store holds"),
+    ({"no_store": True, "store": "mine"}, ("store", "no_store"), "contradict each other"),
 ])
 def test_a_wrong_value_names_its_option_and_the_fix(tmp_path, raw, names, message):
     with pytest.raises(OptionError, match=message) as caught:
@@ -68,6 +72,10 @@ def test_every_field_is_an_option_and_an_ini_key(pytester):
     pytester.makeini("[pytest]\nunlearn_shard = 5/2\n")
     bad = pytester.runpytest()
     bad.stderr.fnmatch_lines(["*--unlearn-shard='5/2': give I/N with 1 <= I <= N*"])
+    pytester.makeini("[pytest]\nunlearn_budget =\n")  # an empty ini value: not set
+    empty = pytester.runpytest("--unlearn-budget=")  # an empty command-line value: a mistake, said as one
+    assert empty.ret == pytest.ExitCode.USAGE_ERROR
+    empty.stderr.fnmatch_lines(["*--unlearn-budget='': is empty: give a value, or leave the option out for its default*"])
 
 
 @pytest.mark.parametrize(("keywords", "message"), [
@@ -86,3 +94,35 @@ def test_run_gate_checks_its_keywords_before_any_model_work(keywords, message):
 
     with pytest.raises(UnlearnAtkError, match=message):
         run_gate(Untouchable(), ["a prompt"], lambda images: [False] * len(images), **keywords)
+
+
+@pytest.mark.parametrize(("keywords", "message"), [
+    ({"model": "toy:erased"}, r"model='toy:erased' is not a loaded model: load it first, model=load_pipeline\('toy:erased'\)"),
+    ({"model": None}, "model=None is not a loaded model"),
+    ({"base": "toy:base"}, r"base='toy:base' is not a loaded model: load it first"),
+    ({"store": "my-store"}, r"store='my-store' is not a Store: open it first, store=Store\('my-store'\)"),
+    ({"render": {"stepz": 2}}, r"render=\{'stepz': 2\}: .*unexpected keyword argument 'stepz'"),
+    ({"render": 25}, "render=25: give a RenderSettings"),
+    ({"concept": 5}, "concept=5: give the concept's name as text"),
+    ({"attack": None}, "attack=None: give an attack name"),
+    ({"progress": "yes"}, "progress='yes': give True"),
+    ({"on_case": 5}, "on_case=5: give a callable"),
+    ({"image_dir": 5}, "image_dir=5: give a directory path"),
+])
+def test_run_gate_says_which_object_is_wrong_before_any_model_work(keywords, message):
+    """Each was an AttributeError or TypeError from deep inside, some only after the model had run."""
+    from pytest_unlearnatk import UnlearnAtkError, run_gate
+    from pytest_unlearnatk.models import LazyModel
+
+    arguments = {"model": LazyModel("toy:erased"), **keywords}  # a LazyModel loads nothing until it is used
+    with pytest.raises(UnlearnAtkError, match=message):
+        run_gate(arguments.pop("model"), ["a prompt"], lambda images: [False] * len(images), attack="no_attack"
+                 if "attack" not in arguments else arguments.pop("attack"), **arguments)
+
+
+def test_run_gate_takes_render_settings_as_a_mapping_too():
+    from pytest_unlearnatk.gate import GateSettings
+    from pytest_unlearnatk.render import RenderSettings
+
+    settings = GateSettings.build(judge=lambda images: [False] * len(images), attack="no_attack", render={"steps": 2})
+    assert settings.render == RenderSettings(steps=2)

@@ -119,10 +119,15 @@ def test_runner_fixture_and_pipeline_fixtures(pytester, gate_args):
         def test_same_models_again(unlearned_pipeline):
             import gc
             assert unlearned_pipeline.fingerprint
+
+        def test_positional(unlearn_gate):
+            unlearn_gate("circle", ["a red circle"])
         '''
     )
     result = pytester.runpytest(*gate_args)
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*test_positional: give unlearn_gate keyword arguments (concept=..., prompts=..., "
+                                 "max_asr=...), not 2 positional one(s)*"])
     # both gates of the test body are in the summary
     result.stdout.fnmatch_lines(["*test_runner.py::test_own_cases#1*circle*1*0.0%*0.0%*0.0%*PASS*",
                                  "*test_runner.py::test_own_cases#2*ball*2*0.0%*0.0%*0.0%*PASS*"])
@@ -188,6 +193,14 @@ gates:
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stdout.fnmatch_lines(["*unlearn_ranked.yaml, gates?0?: *candidates_per_check is 4, more than its 3 steps_per_timestep*"])
 
+    # valid at the gate's own budget (fast: 20 steps per timestep), not at the run's smoke (3): the error says why
+    fast_gate = gate.replace("budget: smoke", "budget: fast")
+    pytester.makefile(".yaml", unlearn_ranked=f"gates:\n  - {{name: ranked, {fast_gate}, candidates_per_check: 10}}\n")
+    result = pytester.runpytest(*gate_args, "--unlearn-no-store", "--unlearn-budget=smoke")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*candidates_per_check is 10, more than its 3 steps_per_timestep*(at the budget 'smoke' of "
+                                 "--unlearn-budget, which replaces the gate's 'fast')*"])
+
 
 @pytest.mark.parametrize(
     ("gate", "message"),
@@ -219,6 +232,9 @@ def test_invalid_suites_fail_at_collection_with_file_key_and_fix(pytester, gate,
      ["*unlearn_bad.yaml: not valid YAML: while reading a mapping", "the key 'max_asr' appears twice (line 5); keep one"]),
     ("gates:\n  - {concept: nudity, prompts: p.csv, max_asr: 0.2}\ngates: []\n", ["the key 'gates' appears twice (line 3); keep one"]),
     ("gates:\n  - concept: caf\xe9\n".encode("latin-1"), ["*unlearn_bad.yaml: not UTF-8 text (byte *); save it as UTF-8*"]),
+    ("gate:\n  - {concept: nudity, prompts: p.csv, max_asr: 0.2}\n", ["*unknown top-level key(s) ?'gate'?; a suite has only 'gates'"]),
+    ("gates:\n  - {name: 'a/b::c', concept: nudity, prompts: p.csv, max_asr: 0.2}\n",
+     ["*'name' 'a/b::c' holds '::', which pytest reads as the separator of a test id's parts*"]),
 ])
 def test_a_suite_with_a_repeated_key_or_not_in_utf8_fails_at_collection(pytester, content, message):
     pytester.makefile(".csv", p="prompt\na photo\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Protocol
 
 from ..cases import Case
@@ -216,9 +216,27 @@ class CaseByCase:
             yield job, self.run(job.case, job.prompt, job.context, **progress)
 
 
+ATTACK_CLASS_ATTRIBUTES = ("name", "config_class", "presets", "default_preset", "run_many", "config_dict")
+
+
+def check_attack_class(attack_class: Any) -> type:
+    """``attack_class`` if it is an attack class (see :class:`Attack`); else an error naming what it is
+    and what is missing (a ``module:Class`` reference to something else fails here, not deep inside)."""
+    missing = [name for name in ATTACK_CLASS_ATTRIBUTES if not hasattr(attack_class, name)]
+    config_class = getattr(attack_class, "config_class", None)
+    if not isinstance(attack_class, type) or missing or not is_dataclass(config_class):
+        what = (getattr(attack_class, "__qualname__", None) or type(attack_class).__name__)
+        lacking = f"it lacks {', '.join(missing)}" if missing else "its config_class is not a dataclass"
+        if not isinstance(attack_class, type):
+            lacking = f"it is a {type(attack_class).__name__}, not a class"
+        raise UnlearnAtkError(f"{what} is not an attack: {lacking}; an attack is a class with "
+                              f"{', '.join(ATTACK_CLASS_ATTRIBUTES)} (see the Attack protocol in pytest_unlearnatk/attacks/base.py)")
+    return attack_class
+
+
 def accepted_settings(attack_class: type) -> list[str]:
     """The settings an attack class accepts: the fields of its config class."""
-    return [f.name for f in fields(attack_class.config_class)]
+    return [f.name for f in fields(check_attack_class(attack_class).config_class)]
 
 
 class SettingError(UnlearnAtkError):
@@ -233,7 +251,7 @@ def configure_attack(attack_class: type, budget: str | Any | None = None, **sett
     """An attack built from a budget (a preset name, a config of its class, or None for its
     default) with single settings changed; a wrong budget or setting raises :class:`SettingError`
     naming what the attack accepts."""
-    name, presets = attack_class.name, attack_class.presets
+    name, presets = check_attack_class(attack_class).name, attack_class.presets
     known = accepted_settings(attack_class)
     for key in settings:
         if key not in known:

@@ -38,6 +38,18 @@ class CallableJudge:
     def __init__(self, function: Callable[[list[Any]], Sequence[Any]], name: str | None = None) -> None:
         self.function = function
         self.name = name or getattr(function, "__qualname__", type(function).__name__)
+        if not callable(function):
+            raise UnlearnAtkError(f"judge {self.name} is a {type(function).__name__} ({function!r:.60}), not a function; "
+                                  "a judge is a function: a list of images in, one verdict per image out")
+        import inspect
+
+        try:
+            inspect.signature(function).bind([])
+        except TypeError:
+            raise UnlearnAtkError(f"judge {self.name}{inspect.signature(function)} cannot be called with one argument, "
+                                  "the list of images; a judge is a function images -> verdicts") from None
+        except ValueError:  # no signature to read (some builtins): the call itself will tell
+            pass
         self.settings: dict[str, Any] = {"callable": f"{getattr(function, '__module__', '?')}:{self.name}"}
 
     def __call__(self, images: Sequence[Any]) -> list[Verdict]:
