@@ -98,7 +98,8 @@ def resolve_prompt_set(name: str) -> str | Path | list[Any]:
 
 
 def _read_csv(path: Path) -> list[Case]:
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    # strict: an unclosed quote is an error, not the rest of the file read as one prompt
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), strict=True)
     try:
         fieldnames = reader.fieldnames
         if not fieldnames or "prompt" not in fieldnames:
@@ -117,7 +118,8 @@ def _read_csv(path: Path) -> list[Case]:
                 )
             rows.append({_ALIASES[k]: v for k, v in row.items() if k in read and v not in (None, "")})
     except csv.Error as exc:
-        raise UnlearnAtkError(f"{path}: not a valid CSV file ({exc})") from None
+        raise UnlearnAtkError(f"{path}, line {reader.line_num}: not a valid CSV file ({exc}); a quoted cell must end "
+                              "with its quote") from None
     return _from_entries(rows, where=str(path), first_line=2)
 
 

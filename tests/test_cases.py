@@ -85,6 +85,8 @@ def test_missing_file(tmp_path):
         ("prompt,evaluation_guidance\na, \n", "line 2: the 'evaluation_guidance' cell is empty"),
         ("prompt,evaluation_seed,evaluation_seed\na,1,2\n", "the column 'evaluation_seed' appears more than once"),
         ("prompt,seed,evaluation_seed\na,1,2\n", "the columns ['seed', 'evaluation_seed'] give the same seed; keep one"),
+        ('prompt,evaluation_seed\n"a circle,1\nb,2\n', "not a valid CSV file (unexpected end of data); a quoted cell must end "
+                                                      "with its quote"),  # was one prompt: the rest of the file
     ],
 )
 def test_a_csv_cell_or_column_that_would_be_read_silently_wrong_is_an_error(tmp_path, content, message):
