@@ -134,6 +134,8 @@ def _prompts(prompts: Any, where: str, base_dir: Path) -> str | list[Any]:
     if isinstance(prompts, (str, Path)):
         path = Path(prompts).expanduser()
         path = path if path.is_absolute() else (base_dir / path)
+        if path.is_dir():
+            raise SpecError(f"{where}: 'prompts' {path} is a directory; give a .csv, .yaml or .json file in it")
         if not path.is_file():
             raise SpecError(f"{where}: 'prompts' file {path} does not exist (relative paths start at {base_dir})")
         return str(path.resolve())

@@ -169,6 +169,7 @@ BAD_GATES = [
     ({"prompts": []}, "'prompts' is an empty list"),
     ({"prompts": 5}, "'prompts' must be a file path or a list of prompts, got int"),
     ({"prompts": "missing.csv"}, "'prompts' file"),
+    ({"prompts": "."}, "is a directory; give a .csv, .yaml or .json file in it"),
     ({"prompts": "toy:squares"}, "unknown prompt set 'toy:squares'; toy: has toy:circle"),
     ({"treshold": 0.2}, "unknown key(s) ['treshold']"),
     ({"judge": ""}, "'judge' is empty; give a judge name or 'module:function', or leave the key out"),  # was the default
