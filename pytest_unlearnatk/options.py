@@ -208,8 +208,6 @@ class RunOptions:
         if values["no_store"] and values["replay_only"]:
             raise OptionError(("replay_only", "no_store"), True,
                               "contradict each other: a replay-only run replays what the store holds; drop one")
-        if values["no_store"] and values["store"]:
-            raise OptionError(("store", "no_store"), values["store"], "contradict each other; pick one")
         if values["no_store"] and values["shard"]:
             raise OptionError(("shard", "no_store"), values["shard"], "shards meet in the store; drop the one without a store")
         if values["baseline"] and values["report"] and Path(values["report"]).expanduser().resolve() == Path(values["baseline"]):

@@ -33,7 +33,6 @@ def test_raw_text_becomes_typed_checked_values(tmp_path):
     ({"budget": ""}, ("budget",), "is empty: give a value, or leave the option out"),  # was the default, unseen
     ({"report": " "}, ("report",), "is empty"),
     ({"no_store": True, "replay_only": True}, ("replay_only", "no_store"), "a replay-only run replays what the store holds"),
-    ({"no_store": True, "store": "mine"}, ("store", "no_store"), "contradict each other"),
 ])
 def test_a_wrong_value_names_its_option_and_the_fix(tmp_path, raw, names, message):
     with pytest.raises(OptionError, match=message) as caught:
