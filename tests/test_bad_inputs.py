@@ -449,7 +449,7 @@ def test_plain_prompt_strings_are_cases(tiny_model):
     assert [c.case.case_id for c in result.cases] == ["0", "1"] and result.n == 2
 
 
-@pytest.mark.parametrize("where", ["store", "report"])
+@pytest.mark.parametrize("where", ["store", "image_dir"])  # the run_gate keyword, as the message says: pass image_dir=DIR
 def test_an_unwritable_directory_names_its_setting_and_leaves_no_temp_file(tiny_model, tmp_path, where):
     from pytest_unlearnatk.errors import SettingProblem
 
@@ -459,8 +459,17 @@ def test_an_unwritable_directory_names_its_setting_and_leaves_no_temp_file(tiny_
     keywords = {"store": Store(target)} if where == "store" else {"image_dir": target}
     with pytest.raises(SettingProblem) as error:
         run_gate(tiny_model, ["a"], lambda images: [False] * len(images), attack="no_attack", render=_render(), **keywords)
-    assert error.value.name == where and str(blocker) in str(error.value)
+    assert error.value.name == where and str(blocker) in str(error.value) and f"pass {where}=DIR" in str(error.value)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_image_directory_problem_is_said_as_the_report_option_in_pytest():
+    from pytest_unlearnatk.images import image_dir_problem
+    from pytest_unlearnatk.suite import option_terms
+
+    message = option_terms(image_dir_problem(Path("/r/images"), PermissionError(13, "Permission denied")))
+    assert message == ("could not write images in /r/images (Permission denied): pass --unlearn-report=DIR, a writable "
+                       "directory, or set unlearn_report in your pytest ini file")
 
 
 def test_a_full_disk_leaves_no_temp_file(tmp_path, monkeypatch):
