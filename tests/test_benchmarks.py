@@ -24,6 +24,7 @@ EXPECTED_KEYS = {
     "vs_reference.py": ["ours_asr", "port_asr", "ours_s_per_case", "port_s_per_case", "time_ratio"],
     "smoke_attack.py": ["smoke_gate_s", "smoke_case_s", "step_ms", "render_s"],
     "validity.py": ["leaky_no_attack", "leaky_random_fast", "leaky_uda_fast"],
+    "leak_ceiling.py": ["cases", "plain_asr", "orb_asr", "swap_asr", "plain_loss", "swap_loss"],
 }
 
 
