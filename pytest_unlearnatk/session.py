@@ -78,7 +78,9 @@ class GateSession:
         if self.options.no_store:
             return None
         key = os.environ.get(STORE_KEY_VARIABLE)  # a CI secret: signs and checks every record
-        return Store(self.options.store, readonly=self.options.store_readonly, key=key.encode("utf-8") if key else None)
+        store = Store(self.options.store, readonly=self.options.store_readonly, key=key.encode("utf-8") if key else None)
+        store.check_writable()  # once a gate runs, before its model work (a run with no gate creates nothing)
+        return store
 
     def settings(self, spec: GateSpec) -> tuple[Any, str]:
         """The gate's settings (its declaration, with the run's options where they take

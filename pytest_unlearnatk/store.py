@@ -285,6 +285,20 @@ class Store:
         except OSError as error:
             raise self._unwritable(error) from None
 
+    def check_writable(self) -> None:
+        """Create the directory and write a probe file there, so that a store that cannot be written
+        is found before a gate's model work, not when its first result is saved. Read-only: nothing."""
+        import tempfile
+
+        if self.readonly:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.directory):
+                pass
+        except OSError as error:
+            raise self._unwritable(error) from None
+
     def _unwritable(self, error: OSError) -> SettingProblem:
         return SettingProblem(
             "store", f"could not write the store in {self.directory} ({error.strerror or error})",

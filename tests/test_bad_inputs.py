@@ -572,6 +572,24 @@ def test_a_report_directory_that_is_a_file_is_a_usage_error(pytester, tiny_dir):
     result.stderr.fnmatch_lines(["*could not write the report in *inside (*): pass --unlearn-report=DIR, a writable directory*"])
 
 
+def test_a_store_that_cannot_be_written_fails_the_gate_before_any_render(pytester, tiny_dir):
+    """Found when the gate starts, not when its first result is saved after the model's work; a run
+    with no gate creates no store directory."""
+    pytester.makepyfile(my_judges="from pathlib import Path\n\ndef spy(images):\n    Path('judged').write_text('yes')\n"
+                                  "    return [False] * len(images)\n")
+    pytester.syspathinsert()
+    pytester.makefile(".yaml", unlearn_gate=SUITE % (0.5, "spy"))
+    (pytester.path / "a-file").write_text("not a directory")
+    result = pytester.runpytest(f"--unlearn-model={tiny_dir}", f"--unlearn-store={pytester.path / 'a-file' / 'store'}",
+                                "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*could not write the store in *a-file?store (*): pass --unlearn-store=DIR, a writable directory*"])
+    assert not (pytester.path / "judged").exists()
+    pytester.makepyfile(test_plain="def test_nothing():\n    pass\n")
+    pytester.runpytest("test_plain.py", f"--unlearn-store={pytester.path / 'unused'}").assert_outcomes(passed=1)
+    assert not (pytester.path / "unused").exists()
+
+
 def test_a_model_that_fails_to_load_is_tried_once_per_run(tmp_path):
     from pytest_unlearnatk import LazyModel
 
