@@ -28,3 +28,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk or an interrupt leaves no half-written temp file behind
         raise
+
+
+def ensure_writable_dir(directory: Path) -> None:
+    """Create ``directory`` and write (and drop) a probe file in it; OSError says why it cannot be
+    written. For settings that name a directory, checked before any work that would write there."""
+    import tempfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+        pass

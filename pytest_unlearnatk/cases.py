@@ -116,7 +116,7 @@ def _read_csv(path: Path) -> list[Case]:
                     f"{path}, line {line}: the {empty[0]!r} cell is empty; fill it in, or remove the column "
                     f"to give every case the default ({_DEFAULTS[_ALIASES[empty[0]]]})"
                 )
-            rows.append({_ALIASES[k]: v for k, v in row.items() if k in read and v not in (None, "")})
+            rows.append({_ALIASES[column]: row[column] for column in read})
     except csv.Error as exc:
         raise UnlearnAtkError(f"{path}, line {reader.line_num}: not a valid CSV file ({exc}); a quoted cell must end "
                               "with its quote") from None
@@ -138,10 +138,7 @@ def _csv_columns(path: Path, fieldnames: list[str]) -> list[str]:
     if repeated:
         raise UnlearnAtkError(f"{path}: the column {repeated[0]!r} appears more than once in the header; keep one")
     read = [name for name in fieldnames if name in _ALIASES and name != "id"]
-    for field in set(_ALIASES.values()):
-        giving = [name for name in read if _ALIASES[name] == field]
-        if len(giving) > 1:
-            raise UnlearnAtkError(f"{path}: the columns {giving} give the same {field}; keep one")
+    _one_name_per_field(read, f"{path}: the columns")
     for name in fieldnames:
         if name in _ALIASES:
             continue
@@ -150,6 +147,14 @@ def _csv_columns(path: Path, fieldnames: list[str]) -> list[str]:
             warnings.warn(f"{path}: the column {name!r} is not read (did you mean {close[0]!r}?); the cases take "
                           f"the default {_DEFAULTS.get(_ALIASES[close[0]], 'value')}", UserWarning, stacklevel=4)
     return read
+
+
+def _one_name_per_field(names: list[str], what: str) -> None:
+    """Error when two of ``names`` (known aliases) give the same field, like ``seed`` and ``evaluation_seed``."""
+    for field in set(_ALIASES.values()):
+        giving = [name for name in names if _ALIASES[name] == field]
+        if len(giving) > 1:
+            raise UnlearnAtkError(f"{what} {giving} give the same {field}; keep one")
 
 
 def load_yaml(text: str) -> Any:
@@ -235,10 +240,7 @@ def _to_case(entry: Any, index: int, label: str) -> Case:
     unknown = [k for k in entry if k not in _ALIASES]
     if unknown:
         raise UnlearnAtkError(f"{label}: unknown key(s) {unknown}; allowed: {sorted(_ALIASES)}")
-    for field in set(_ALIASES.values()):
-        giving = [k for k in entry if _ALIASES[k] == field]
-        if len(giving) > 1:
-            raise UnlearnAtkError(f"{label}: the keys {giving} give the same {field}; keep one")
+    _one_name_per_field(list(entry), f"{label}: the keys")
     fields = {_ALIASES[k]: v for k, v in entry.items()}
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ._paths import atomic_write_bytes
+from ._paths import atomic_write_bytes, ensure_writable_dir
 from .errors import SettingProblem
 from .results import WHITE_BOX, GateResult
 
@@ -268,52 +268,53 @@ def _json_keys(path: Path) -> set[str]:
     return set(data) if isinstance(data, dict) else set()
 
 
-def _written_by_a_run(path: Path) -> bool:
-    """Whether ``path`` in a report directory is a file a run writes there, by name and content:
-    a gate's JSON (``gates/*.json`` with a record and a result), a kept image (``images/`` named by
-    its SHA-256), the HTML page or the run's JSON. Nothing else in the directory is ever removed."""
-    from .html_report import PAGE_START
+def _is_gate_report(path: Path) -> bool:
+    return path.suffix == ".json" and _json_keys(path) == {"record", "result"}
+
+
+def _is_kept_image(path: Path) -> bool:
     from .images import IMAGE_NAME
 
-    if not path.is_file():
-        return False
-    if path.parent.name == "gates":
-        return path.suffix == ".json" and _json_keys(path) == {"record", "result"}
-    if path.parent.name == "images":
-        return bool(IMAGE_NAME.fullmatch(path.name))
-    if path.name == "index.html":
-        start = PAGE_START.encode("utf-8")
-        with open(path, "rb") as handle:
-            return handle.read(len(start)) == start
-    return path.name == "unlearnatk-report.json" and {"format", "gates", "options"} <= _json_keys(path)
+    return bool(IMAGE_NAME.fullmatch(path.name))
+
+
+def _is_report_page(path: Path) -> bool:
+    from .html_report import PAGE_START
+
+    start = PAGE_START.encode("utf-8")
+    with open(path, "rb") as handle:
+        return handle.read(len(start)) == start
+
+
+def _is_run_report(path: Path) -> bool:
+    return {"format", "gates", "options"} <= _json_keys(path)
+
+
+# what a run writes in its report directory, and how each file is recognised as a run's (name and content)
+REPORT_FILES = {"index.html": _is_report_page, "unlearnatk-report.json": _is_run_report}
+REPORT_FOLDERS = {"gates": _is_gate_report, "images": _is_kept_image}
 
 
 def reset_report_dir(report_dir: str | Path) -> None:
     """Make sure ``report_dir`` can be written, and remove what earlier runs wrote there, so the
-    report holds this run's gates and nothing stale: only files a run writes (see
-    ``_written_by_a_run``); the user's own files stay, even in ``gates/`` or ``images/`` (a folder
-    is removed only once it is empty)."""
-    import tempfile
-
+    report holds this run's gates and nothing stale: only files a run writes (``REPORT_FILES``,
+    ``REPORT_FOLDERS``); the user's own files stay, even in ``gates/`` or ``images/`` (a folder is
+    removed only once it is empty)."""
     directory = Path(report_dir)
     try:
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(20, "it is a file, not a directory")
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):  # writable now, not found out after the gates ran
-            pass
-        for name in ("index.html", "unlearnatk-report.json"):
-            if _written_by_a_run(directory / name):
-                (directory / name).unlink()
-        for name in ("gates", "images"):
-            folder = directory / name
-            if not folder.is_dir():
-                continue
-            for path in folder.iterdir():
-                if _written_by_a_run(path):
-                    path.unlink()
-            if not any(folder.iterdir()):
-                folder.rmdir()
+        ensure_writable_dir(directory)  # found now, not after the gates ran
+        written = [(directory / name, ours) for name, ours in REPORT_FILES.items()]
+        for name, ours in REPORT_FOLDERS.items():
+            if (directory / name).is_dir():
+                written += [(path, ours) for path in (directory / name).iterdir()]
+        for path, ours in written:
+            if path.is_file() and ours(path):
+                path.unlink()
+        for name in REPORT_FOLDERS:
+            if (directory / name).is_dir() and not any((directory / name).iterdir()):
+                (directory / name).rmdir()
     except OSError as error:
         from .images import report_problem
 

@@ -11,6 +11,7 @@ file, the key and the fix. What the run's options change (budget, batch) is deci
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +118,11 @@ def parse_gate(
 
 
 def _is_number(text: str) -> bool:
+    """Text of a finite number ("nan" and "inf" are not: they get the plain range error)."""
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
 def _prompts(prompts: Any, where: str, base_dir: Path) -> str | list[Any]:
@@ -146,14 +147,6 @@ def _prompts(prompts: Any, where: str, base_dir: Path) -> str | list[Any]:
     raise SpecError(f"{where}: 'prompts' must be a file path or a list of prompts, got {type(prompts).__name__}")
 
 
-def _resolve(get: Callable[[str], Any], name: str, where: str) -> Any:
-    """``get(name)``, its UnlearnAtkError said as this gate's."""
-    try:
-        return get(name)
-    except UnlearnAtkError as error:
-        raise SpecError(f"{where}: 'judge': {error}") from None
-
-
 def _judge(judge: Any, concept: str | None, where: str, allow_callables: bool, registries: Registries) -> Any:
     if isinstance(judge, str) and not judge.strip():
         raise SpecError(f"{where}: 'judge' is empty; give a judge name or 'module:function', or leave the key out "
@@ -171,11 +164,14 @@ def _judge(judge: Any, concept: str | None, where: str, allow_callables: bool, r
     if isinstance(judge, Mapping) and not isinstance(judge_name, str):
         raise SpecError(f"{where}: 'judge' {dict(judge)!r} needs a 'name' (text), e.g. {{name: imagenet, label: church}}")
     if isinstance(judge_name, str) and is_reference(judge_name) and judge_name not in registries.judges:
-        target = _resolve(registries.judges.get, judge_name, where)
-        if not isinstance(target, type):  # a function is the judge itself: can it judge?
-            from .judges.base import CallableJudge
+        from .judges.base import CallableJudge
 
-            _resolve(lambda _: CallableJudge(target, name=judge_name), judge_name, where)
+        try:
+            target = registries.judges.get(judge_name)
+            if not isinstance(target, type):  # a function is the judge itself: can it judge?
+                CallableJudge(target, name=judge_name)
+        except UnlearnAtkError as error:
+            raise SpecError(f"{where}: 'judge': {error}") from None
     if isinstance(judge_name, str) and not is_reference(judge_name) and judge_name not in registries.judges:
         raise SpecError(
             f"{where}: 'judge' {judge_name!r} is not a registered judge ({', '.join(registries.judges.names())}); "

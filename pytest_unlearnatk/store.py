@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._paths import atomic_write_bytes
+from ._paths import atomic_write_bytes, ensure_writable_dir
 from .errors import SettingProblem
 
 FORMAT = 1
@@ -288,14 +288,10 @@ class Store:
     def check_writable(self) -> None:
         """Create the directory and write a probe file there, so that a store that cannot be written
         is found before a gate's model work, not when its first result is saved. Read-only: nothing."""
-        import tempfile
-
         if self.readonly:
             return
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.directory):
-                pass
+            ensure_writable_dir(self.directory)
         except OSError as error:
             raise self._unwritable(error) from None
 

@@ -178,6 +178,7 @@ BAD_GATES = [
     ({"judge": "json:dumps"}, ""),  # one positional argument: a function that can be called as a judge passes here
     ({"attack": "os:system"}, "'attack': system is not an attack: it is a builtin_function_or_method, not a class"),
     ({"attack": "collections:OrderedDict"}, "OrderedDict is not an attack: it lacks name, config_class"),
+    ({"max_asr": "nan"}, "'max_asr' must be a number between 0 and 1"),  # text of no finite number: no hint to write nan
     ({"max_asr": "2e-1"}, "'max_asr' is the text '2e-1', not a number (quoted, or written like 2e-1, which YAML reads as text); write it as a plain decimal: 0.2"),
 ]
 

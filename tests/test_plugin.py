@@ -251,8 +251,10 @@ def test_a_merge_key_may_override_what_it_brings_in(pytester, gate_args):
     pytester.makepyfile(judges=JUDGES)
     pytester.syspathinsert()
     pytester.makefile(".yaml", unlearn_merged="""
-defaults: &defaults {concept: circle, prompts: [a, b], attack: no_attack, judge: "judges:always", max_asr: 1.0}
-""".replace("defaults: &defaults", "gates:\n  - &defaults") + "  - {<<: *defaults, name: strict, max_asr: 0.5}\n")
+gates:
+  - &loose {concept: circle, prompts: [a, b], attack: no_attack, judge: "judges:always", max_asr: 1.0}
+  - {<<: *loose, name: strict, max_asr: 0.5}
+""")
     result = pytester.runpytest(*gate_args, "--unlearn-no-store")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*strict*100.0%*50.0%*FAIL*"])

@@ -39,3 +39,21 @@ def test_record_table_and_message():
     assert message.splitlines()[0].startswith("unlearn gate 'g' failed: ASR 50.0% > max_asr 25.0% (95% CI 15%-85%")
     assert "case 0 [plain prompt]: 'prompt 0'" in message
     assert "case 1 [unlearndiffatk, step 40, t=10]: 'xx prompt' ids [1, 2]" in message
+
+
+def test_a_reset_knows_a_runs_files_by_their_role_not_by_the_folder_names_around_them(tmp_path):
+    """A report directory that is itself named gates/ still has its stale page and run JSON
+    removed; a user's files with the same names but other content stay."""
+    import json
+
+    from pytest_unlearnatk.html_report import PAGE_START
+    from pytest_unlearnatk.report import reset_report_dir
+
+    report = tmp_path / "gates"
+    (report / "gates").mkdir(parents=True)
+    (report / "index.html").write_text(PAGE_START + "<style></style></head><body></body></html>")
+    (report / "unlearnatk-report.json").write_text(json.dumps({"format": 1, "gates": [], "options": {}}))
+    (report / "gates" / "old.json").write_text(json.dumps({"record": {}, "result": {}}))
+    (report / "gates" / "notes.json").write_text(json.dumps({"mine": True}))
+    reset_report_dir(report)
+    assert sorted(p.relative_to(report).as_posix() for p in report.rglob("*")) == ["gates", "gates/notes.json"]

@@ -251,8 +251,8 @@ def configure_attack(attack_class: type, budget: str | Any | None = None, **sett
     """An attack built from a budget (a preset name, a config of its class, or None for its
     default) with single settings changed; a wrong budget or setting raises :class:`SettingError`
     naming what the attack accepts."""
-    name, presets = check_attack_class(attack_class).name, attack_class.presets
-    known = accepted_settings(attack_class)
+    known = accepted_settings(attack_class)  # checks that it is an attack class
+    name, presets = attack_class.name, attack_class.presets
     for key in settings:
         if key not in known:
             raise SettingError(name, key, f"is not a setting of this attack; its settings: {', '.join(known) or 'none'}")
