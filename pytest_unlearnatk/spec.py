@@ -23,7 +23,7 @@ from .options import parse_batch
 from .registry import Registries, discover, is_reference
 
 # settings the gate hands to its attack as declared (the attack checks them; one without them says so)
-ATTACK_SETTING_KEYS = ("check_text", "candidates_per_check")
+ATTACK_SETTING_KEYS = ("check_text", "candidates_per_check", "position_choices")
 GATE_KEYS = ("concept", "prompts", "max_asr", "judge", "attack", "budget", "limit", "n_tokens", *ATTACK_SETTING_KEYS,
              "render", "batch", "max_new_broken")
 RENDER_KEYS = ("scheduler", "steps", "height", "width", "negative_prompt")

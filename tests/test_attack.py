@@ -702,6 +702,61 @@ def test_candidates_per_check_ranking_time_counts_as_optimization_time(tiny_mode
     assert result.cases[0].timings["optimize_s"] >= pause * len(calls)
 
 
+def test_refine_by_position_takes_each_positions_lowest_loss_token_in_turn():
+    """Pure logic, with a loss that is a sum over positions plus one interaction: position by
+    position, the token that lowers the loss most replaces the current one, the others held; a
+    change that does not lower the loss is not taken, and each position is visited once."""
+    from pytest_unlearnatk.attacks.unlearndiffatk import refine_by_position
+
+    cost = {0: {5: 1.0, 6: 0.2, 7: 0.5}, 1: {8: 1.0, 9: 2.0}, 2: {10: 0.3, 11: 0.3}}
+    scored = []
+
+    def losses(candidates):
+        scored.extend(candidates)
+        return [sum(cost[p][t] for p, t in enumerate(c)) + (1.0 if c[0] == 6 and c[2] == 11 else 0.0)
+                for c in candidates]
+
+    start = [5, 8, 10]
+    refined = refine_by_position(start, losses([start])[0], [[5, 6, 7], [8, 9], [11, 10]], losses)
+    assert refined == [6, 8, 10]  # 6 at position 0; 9 is worse; 11 equals 10 alone but costs 1 with 6
+    assert scored == [[5, 8, 10], [6, 8, 10], [7, 8, 10], [6, 9, 10], [6, 8, 11]]
+    assert start == [5, 8, 10]  # the caller's list is left alone
+
+
+def test_position_choices_checks_a_refined_candidate_of_lower_loss_and_keeps_the_optimization(tiny_model, base_model):
+    """With ``position_choices`` m, a block's argmax candidate is refined position by position by
+    the denoising loss on the target (fixed noise): each check renders a candidate whose loss is
+    strictly lower than the argmax's, or the argmax itself; the optimization steps are unchanged."""
+    from pytest_unlearnatk.attacks.unlearndiffatk import candidate_losses, encode_target, ranking_noises
+    from pytest_unlearnatk.targets import RenderedTargets
+
+    pipeline = tiny_model.pipeline
+    layout = TokenLayout.from_pipeline(pipeline)
+    cases = load_cases(CASES[:3])
+
+    def gate(m):
+        budget = get_preset("reference", num_timesteps=3, steps_per_timestep=6, position_choices=m)
+        return run_gate(tiny_model, cases, never, budget=budget, base=base_model, render=FAST_RENDER, batch_size=3,
+                        progress=False)
+
+    plain, refined = gate(1), gate(3)
+    targets = RenderedTargets(base_model, FAST_RENDER.resolved(pipeline))
+    changed = 0
+    for alone, case in zip(plain.cases, refined.cases):
+        assert (case.steps, case.loss_trace) == (alone.steps, alone.loss_trace)
+        content = pipeline.tokenizer(case.case.prompt, add_special_tokens=False).input_ids
+        latent = encode_target(pipeline, targets(case.case, layout.sequence(content)))
+        for block, (argmax, chosen) in enumerate(zip(alone.checks, case.checks)):
+            if chosen.adversarial_ids == argmax.adversarial_ids:
+                continue
+            changed += 1
+            noises = ranking_noises(0, case.case.seed, block, latent)
+            losses = candidate_losses(pipeline, [layout.sequence(content, ids) for ids in
+                                                 (chosen.adversarial_ids, argmax.adversarial_ids)], latent, chosen.timestep, noises)
+            assert losses[0] < losses[1]
+    assert changed, "no block refined its argmax candidate: the test shows nothing"
+
+
 def test_candidates_per_check_steps_store_key_and_noise_for_the_largest_case_seed():
     import torch
 
@@ -713,6 +768,8 @@ def test_candidates_per_check_steps_store_key_and_noise_for_the_largest_case_see
     assert get_preset("fast").candidate_steps == [20]
     assert "candidates_per_check" not in UnlearnDiffAtk(get_preset("fast")).config_dict()  # stores keep their keys
     assert UnlearnDiffAtk(get_preset("fast", candidates_per_check=4)).config_dict()["candidates_per_check"] == 4
+    assert "position_choices" not in UnlearnDiffAtk(get_preset("reference")).config_dict()
+    assert UnlearnDiffAtk(get_preset("reference", position_choices=3)).config_dict()["position_choices"] == 3
     latent = torch.zeros(1, 4, 8, 8)
     noises = ranking_noises(2**31, MAX_SEED, 49, latent)  # the largest seeds a config and a case take
     assert noises.shape == (4, 4, 8, 8) and torch.equal(noises, ranking_noises(2**31, MAX_SEED, 49, latent))

@@ -167,7 +167,8 @@ gates:
 
 
 def test_candidates_per_check_in_a_suite_reaches_the_attack(pytester, gate_args, tmp_path):
-    """The gate key ``candidates_per_check: n`` reaches the attack's settings (and so its store key);
+    """The gate keys ``candidates_per_check: n`` and ``position_choices: m`` reach the attack's
+    settings (and so its store key);
     a value above the budget's steps per timestep stops collection, naming the file and the gate."""
     pytester.makepyfile(judges=JUDGES)
     pytester.syspathinsert()
@@ -176,17 +177,20 @@ def test_candidates_per_check_in_a_suite_reaches_the_attack(pytester, gate_args,
     pytester.makefile(".yaml", unlearn_ranked=f"""
 gates:
   - {{name: ranked, {gate}, candidates_per_check: 3}}
+  - {{name: refined, {gate}, position_choices: 2}}
   - {{name: plain, {gate}}}
 """)
     result = pytester.runpytest(*gate_args, "--unlearn-no-store")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
 
     def attack_config(gate: str) -> dict:
         [path] = (tmp_path / "report" / "gates").glob(f"*_{gate}-*.json")
         return json.loads(path.read_text())["result"]["config"]["attack_config"]
 
     assert attack_config("ranked")["candidates_per_check"] == 3
-    assert "candidates_per_check" not in attack_config("plain")  # the default, left out of the store key
+    assert attack_config("refined")["position_choices"] == 2
+    for default in ("candidates_per_check", "position_choices"):
+        assert default not in attack_config("plain")  # the defaults, left out of the store key
 
     pytester.makefile(".yaml", unlearn_ranked=f"gates:\n  - {{name: too-many, {gate}, candidates_per_check: 4}}\n")
     result = pytester.runpytest(*gate_args, "--unlearn-no-store")

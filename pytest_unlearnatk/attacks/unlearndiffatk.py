@@ -15,7 +15,9 @@ that shows the concept, i.e. that minimize its denoising loss on that image:
    a candidate that missed is judged a second time as the ids its decoded text tokenizes to. With
    ``candidates_per_check`` n > 1, the argmax tokens are taken n times in the block, and the one
    the model finds the lowest denoising loss for (the attack's own objective, on fixed noise) is
-   the block's candidate.
+   the block's candidate. With ``position_choices`` m > 1, that candidate is then refined one
+   position at a time: each position takes whichever of its m most probable tokens gives the lowest
+   denoising loss, the other positions held.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -42,6 +44,8 @@ from .batching import resolve_batch_size as resolve_batch_size
 MAX_ADVERSARIAL_TOKENS = 75
 # noise draws on which candidates_per_check compares a block's candidates (the same draws for each)
 RANKING_NOISES = 4
+# a bound on position_choices: a block's refinement compares up to n_tokens * (m - 1) + 1 candidates
+MAX_POSITION_CHOICES = 100
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ class UnlearnDiffAtkConfig:
     # argmax candidates taken per block, evenly spaced, the last at its end; the one of lowest
     # denoising loss on the target (block's timestep, RANKING_NOISES fixed noise draws) is checked
     candidates_per_check: int = 1
+    # each adversarial position in turn takes whichever of its m most probable tokens gives the block's
+    # candidate the lowest denoising loss (same noise draws); 1: the argmax tokens as they are (the paper)
+    position_choices: int = 1
 
     def __post_init__(self) -> None:
         from ..checks import finite, whole
@@ -73,6 +80,7 @@ class UnlearnDiffAtkConfig:
         whole(self.steps_per_timestep, "UnlearnDiffAtk steps_per_timestep", 1, 100_000)
         whole(self.seed, "UnlearnDiffAtk seed", 0, 2**31)
         whole(self.candidates_per_check, "UnlearnDiffAtk candidates_per_check", 1)
+        whole(self.position_choices, "UnlearnDiffAtk position_choices", 1, MAX_POSITION_CHOICES)
         if self.candidates_per_check > self.steps_per_timestep:
             raise UnlearnAtkError(f"UnlearnDiffAtk candidates_per_check is {self.candidates_per_check}, more than its "
                                   f"{self.steps_per_timestep} steps_per_timestep; take at most one candidate per step")
@@ -321,6 +329,8 @@ class UnlearnDiffAtk:
             del settings["check_text"]
         if settings["candidates_per_check"] == 1:
             del settings["candidates_per_check"]
+        if settings["position_choices"] == 1:
+            del settings["position_choices"]
         return {**settings, "version": 6}
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
@@ -500,10 +510,13 @@ class _BatchedOptimization(FixedShapeBatch):
             for i, candidate in zip(due, probabilities.detach()[due].argmax(dim=-1).tolist()):
                 slots[i].candidates.append(candidate)
 
-    def _best_candidate(self, slot: _Slot, last: list[int]) -> list[int]:
-        """Of the block's candidates, the one of the lowest denoising loss on the case's target at the
-        block's timestep, on RANKING_NOISES noise draws fixed by the seeds and the block (the first
-        of equals). The case's own generator is not used, so the optimization is the same as without."""
+    def _best_candidate(self, slot: _Slot, row: int, last: list[int]) -> list[int]:
+        """The block's candidate under ``candidates_per_check`` and ``position_choices``: of the
+        block's argmax candidates, the one of the lowest denoising loss on the case's target (the
+        first of equals); then, one position at a time, the token among that position's
+        ``position_choices`` most probable (row ``row`` of the batch) that lowers the loss most, if
+        any does. Losses: at the block's timestep, on RANKING_NOISES noise draws fixed by the seeds
+        and the block. The case's own generator is not used, so the optimization is the same as without."""
         import torch
 
         options: list[list[int]] = []
@@ -511,19 +524,29 @@ class _BatchedOptimization(FixedShapeBatch):
             if candidate not in options:
                 options.append(candidate)
         slot.candidates = []
-        if len(options) == 1:
+        choices = self.config.position_choices
+        if len(options) == 1 and choices == 1:
             return last
         noises = ranking_noises(self.config.seed, slot.job.case.seed, slot.block, slot.target_latent)
         layout = slot.job.context.layout
-        sequences = [layout.sequence(slot.job.prompt.content_ids, option) for option in options]
         autocast = (torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
-        with autocast:
-            losses = candidate_losses(self.pipeline, sequences, slot.target_latent, slot.timestep, noises,
-                                      self.alphas_cumprod)
-        # a non-finite loss (a half-precision overflow, say) ranks last, not by NaN's comparisons
-        losses = [loss if math.isfinite(loss) else math.inf for loss in losses]
-        return options[losses.index(min(losses))]
+
+        def losses(candidates: list[list[int]]) -> list[float]:
+            sequences = [layout.sequence(slot.job.prompt.content_ids, candidate) for candidate in candidates]
+            with autocast:
+                found = candidate_losses(self.pipeline, sequences, slot.target_latent, slot.timestep, noises,
+                                         self.alphas_cumprod)
+            # a non-finite loss (a half-precision overflow, say) ranks last, not by NaN's comparisons
+            return [loss if math.isfinite(loss) else math.inf for loss in found]
+
+        option_losses = losses(options)
+        best_loss = min(option_losses)
+        best = options[option_losses.index(best_loss)]
+        if choices == 1:
+            return best
+        most_probable = self.probabilities.detach()[row].topk(choices, dim=-1).indices.tolist()
+        return refine_by_position(best, best_loss, most_probable, losses)
 
     def _end_blocks(self, ended: list[int]) -> list[int]:
         """Check the argmax tokens of the cases whose block just ended; return the finished ones."""
@@ -536,9 +559,10 @@ class _BatchedOptimization(FixedShapeBatch):
                                    "denoising loss", f" (t={slot.timestep})")
             outcome.loss_trace.extend(losses)
             slot.block_losses, slot.step_in_block = [], 0
-            if self.config.candidates_per_check > 1:  # after the loss check: a broken model stops first
+            if self.config.candidates_per_check > 1 or self.config.position_choices > 1:
+                # after the loss check: a broken model stops first
                 started = time.perf_counter()
-                candidate = self._best_candidate(slot, candidate)
+                candidate = self._best_candidate(slot, i, candidate)
                 outcome.optimize_seconds += time.perf_counter() - started  # the ranking is part of the search
             if candidate == slot.last_checked:  # same tokens, same image: it was a miss already
                 last_score = next(check.score for check in reversed(outcome.checks) if not check.text)
@@ -590,6 +614,24 @@ class _BatchedOptimization(FixedShapeBatch):
         text_ids = list(tokenizer(tokenizer.decode(content), add_special_tokens=False).input_ids)
         fits = len(text_ids) <= slot.job.context.layout.content_capacity(0)
         return text_ids if text_ids != content and fits else None
+
+
+def refine_by_position(start: list[int], start_loss: float, choices: list[list[int]],
+                       losses: Callable[[list[list[int]]], list[float]]) -> list[int]:
+    """Greedy refinement of the candidate ``start`` (whose loss is ``start_loss``): position by
+    position, in order, the token of ``choices[position]`` that gives the lowest loss with the other
+    positions held (``losses`` scores a list of candidates) replaces the current one if it lowers
+    the loss; the first of equals wins. Each position is visited once."""
+    best, best_loss = list(start), start_loss
+    for position, tokens in enumerate(choices):
+        variants = [[*best[:position], token, *best[position + 1:]] for token in tokens if token != best[position]]
+        if not variants:
+            continue
+        variant_losses = losses(variants)
+        if min(variant_losses) < best_loss:
+            best_loss = min(variant_losses)
+            best = variants[variant_losses.index(best_loss)]
+    return best
 
 
 def encode_target(pipeline: Any, image: Any) -> Any:
