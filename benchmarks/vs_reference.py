@@ -1,7 +1,7 @@
 """Our UnlearnDiffAtk next to a port of the authors' attack loop, on the same cases.
 
     python benchmarks/vs_reference.py [--quick] [--model leaky] [--first 0] [--cases 24] [--blocks 50] [--steps 40]
-        [--seed 0] [--port-renders-ids] [--check-text] [--candidates-per-check 1] [--ours-only]
+        [--seed 0] [--port-renders-ids] [--check-text] [--candidates-per-check 1] [--position-choices 1] [--ours-only]
 
 The port (class ``ReferenceLoop``) is our own code written to keep the semantics of the
 reference implementation (OPTML-Group/Diffusion-MU-Attack, ``TextGrad`` with the classifier
@@ -26,7 +26,8 @@ still replays the same draws); ``--port-renders-ids`` makes the port check the i
 instead of its decoded text tokenized again; ``--check-text`` runs ours with ``check_text`` (it
 also judges the ids a missed candidate's text tokenizes to); ``--candidates-per-check N`` runs ours
 with ``candidates_per_check`` (it checks the lowest-loss of N argmax candidates per block);
-``--ours-only`` skips the port.
+``--position-choices M`` runs ours with ``position_choices`` (each position of a block's candidate
+may take whichever of its M most probable tokens lowers the loss); ``--ours-only`` skips the port.
 ``--quick``: 2 cases, 3 blocks of 10 steps (a sanity check, not a comparison).
 """
 
@@ -205,6 +206,8 @@ def main() -> None:
                         help="ours also judges the ids a missed candidate's decoded text tokenizes to (check_text)")
     parser.add_argument("--candidates-per-check", type=positive_int, default=1,
                         help="ours checks the lowest-loss of this many argmax candidates per block (candidates_per_check)")
+    parser.add_argument("--position-choices", type=positive_int, default=1,
+                        help="ours refines each block's candidate among each position's most probable tokens (position_choices)")
     parser.add_argument("--ours-only", action="store_true", help="run ours alone (no port, no time ratio)")
     parser.add_argument("--blocks", type=positive_int, default=50, help="timesteps swept (10 with --steps 20: the fast budget)")
     parser.add_argument("--steps", type=positive_int, default=40)
@@ -226,7 +229,8 @@ def main() -> None:
     cases = every_case[args.first: args.first + args.cases]
     render = RenderSettings("lms", 50)
     config = replace(get_preset("reference"), num_timesteps=args.blocks, steps_per_timestep=args.steps,
-                     seed=args.seed, check_text=args.check_text, candidates_per_check=args.candidates_per_check)
+                     seed=args.seed, check_text=args.check_text, candidates_per_check=args.candidates_per_check,
+                     position_choices=args.position_choices)
     start = time.perf_counter()
     ours = run_gate(model, cases, judge, budget=config, base=base, render=render, batch_size=args.batch, progress=False)
     ours_seconds = (time.perf_counter() - start) / len(cases)
@@ -234,6 +238,8 @@ def main() -> None:
     facts = {"model": args.model, "first": args.first, "cases": len(cases), "seed": args.seed, "check_text": args.check_text}
     if args.candidates_per_check > 1:
         facts["candidates_per_check"] = args.candidates_per_check
+    if args.position_choices > 1:
+        facts["position_choices"] = args.position_choices
     if args.ours_only:
         for case in ours.cases:
             print(f"case {case.case.case_id}: ours hit={case.hit} by {case.hit_by} step {case.hit_step}")
