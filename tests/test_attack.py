@@ -644,12 +644,10 @@ def test_a_store_written_before_check_text_existed_keeps_its_keys():
     assert UnlearnDiffAtk(get_preset("reference", check_text=True)).config_dict()["check_text"] is True
 
 
-def test_candidates_per_check_renders_the_blocks_lowest_loss_candidate_and_keeps_the_optimization(tiny_model,
-                                                                                                    base_model):
-    """With ``candidates_per_check`` n, each block's argmax tokens are taken n times and the one of
-    the lowest denoising loss on the target (fixed noise) is checked; the optimization itself
-    (steps, losses) is the one without the setting, whose candidate (the block's last argmax) is
-    among those compared."""
+def changed_checks_and_losses(tiny_model, base_model, **setting):
+    """Three cases at 3 blocks of 6 steps, without and with ``setting``; asserts the optimization
+    (steps, losses, check steps) is the same, and returns, for every check whose tokens the setting
+    changed, the denoising losses (fixed ranking noise) of (checked with the setting, checked without)."""
     from pytest_unlearnatk.attacks.unlearndiffatk import candidate_losses, encode_target, ranking_noises
     from pytest_unlearnatk.targets import RenderedTargets
 
@@ -657,28 +655,36 @@ def test_candidates_per_check_renders_the_blocks_lowest_loss_candidate_and_keeps
     layout = TokenLayout.from_pipeline(pipeline)
     cases = load_cases(CASES[:3])
 
-    def gate(n):
-        budget = get_preset("reference", num_timesteps=3, steps_per_timestep=6, candidates_per_check=n)
+    def gate(**settings):
+        budget = get_preset("reference", num_timesteps=3, steps_per_timestep=6, **settings)
         return run_gate(tiny_model, cases, never, budget=budget, base=base_model, render=FAST_RENDER, batch_size=3,
                         progress=False)
 
-    plain, ranked = gate(1), gate(3)
+    plain, changed = gate(), gate(**setting)
     targets = RenderedTargets(base_model, FAST_RENDER.resolved(pipeline))
-    changed = 0
-    for alone, case in zip(plain.cases, ranked.cases):
+    found = []
+    for alone, case in zip(plain.cases, changed.cases):
         assert (case.steps, case.loss_trace) == (alone.steps, alone.loss_trace)
         assert [c.step for c in case.checks] == [c.step for c in alone.checks] == [6, 12, 18]
         content = pipeline.tokenizer(case.case.prompt, add_special_tokens=False).input_ids
         latent = encode_target(pipeline, targets(case.case, layout.sequence(content)))
-        for block, (last, chosen) in enumerate(zip(alone.checks, case.checks)):
-            if chosen.adversarial_ids == last.adversarial_ids:
-                continue
-            changed += 1
-            noises = ranking_noises(0, case.case.seed, block, latent)
-            losses = candidate_losses(pipeline, [layout.sequence(content, ids) for ids in
-                                                 (chosen.adversarial_ids, last.adversarial_ids)], latent, chosen.timestep, noises)
-            assert losses[0] <= losses[1]
-    assert changed, "no block chose another candidate than its last: the test shows nothing"
+        for block, (without, chosen) in enumerate(zip(alone.checks, case.checks)):
+            if chosen.adversarial_ids != without.adversarial_ids:
+                noises = ranking_noises(0, case.case.seed, block, latent)
+                sequences = [layout.sequence(content, ids) for ids in (chosen.adversarial_ids, without.adversarial_ids)]
+                found.append(candidate_losses(pipeline, sequences, latent, chosen.timestep, noises))
+    assert found, f"{setting} changed no block's candidate: the test shows nothing"
+    return found
+
+
+def test_candidates_per_check_renders_the_blocks_lowest_loss_candidate_and_keeps_the_optimization(tiny_model,
+                                                                                                    base_model):
+    """With ``candidates_per_check`` n, each block's argmax tokens are taken n times and the one of
+    the lowest denoising loss on the target (fixed noise) is checked; the optimization itself
+    (steps, losses) is the one without the setting, whose candidate (the block's last argmax) is
+    among those compared."""
+    for chosen, last in changed_checks_and_losses(tiny_model, base_model, candidates_per_check=3):
+        assert chosen <= last
 
 
 def test_candidates_per_check_ranking_time_counts_as_optimization_time(tiny_model, base_model, monkeypatch):
@@ -727,34 +733,8 @@ def test_position_choices_checks_a_refined_candidate_of_lower_loss_and_keeps_the
     """With ``position_choices`` m, a block's argmax candidate is refined position by position by
     the denoising loss on the target (fixed noise): each check renders a candidate whose loss is
     strictly lower than the argmax's, or the argmax itself; the optimization steps are unchanged."""
-    from pytest_unlearnatk.attacks.unlearndiffatk import candidate_losses, encode_target, ranking_noises
-    from pytest_unlearnatk.targets import RenderedTargets
-
-    pipeline = tiny_model.pipeline
-    layout = TokenLayout.from_pipeline(pipeline)
-    cases = load_cases(CASES[:3])
-
-    def gate(m):
-        budget = get_preset("reference", num_timesteps=3, steps_per_timestep=6, position_choices=m)
-        return run_gate(tiny_model, cases, never, budget=budget, base=base_model, render=FAST_RENDER, batch_size=3,
-                        progress=False)
-
-    plain, refined = gate(1), gate(3)
-    targets = RenderedTargets(base_model, FAST_RENDER.resolved(pipeline))
-    changed = 0
-    for alone, case in zip(plain.cases, refined.cases):
-        assert (case.steps, case.loss_trace) == (alone.steps, alone.loss_trace)
-        content = pipeline.tokenizer(case.case.prompt, add_special_tokens=False).input_ids
-        latent = encode_target(pipeline, targets(case.case, layout.sequence(content)))
-        for block, (argmax, chosen) in enumerate(zip(alone.checks, case.checks)):
-            if chosen.adversarial_ids == argmax.adversarial_ids:
-                continue
-            changed += 1
-            noises = ranking_noises(0, case.case.seed, block, latent)
-            losses = candidate_losses(pipeline, [layout.sequence(content, ids) for ids in
-                                                 (chosen.adversarial_ids, argmax.adversarial_ids)], latent, chosen.timestep, noises)
-            assert losses[0] < losses[1]
-    assert changed, "no block refined its argmax candidate: the test shows nothing"
+    for refined, argmax in changed_checks_and_losses(tiny_model, base_model, position_choices=3):
+        assert refined < argmax
 
 
 def test_candidates_per_check_steps_store_key_and_noise_for_the_largest_case_seed():
