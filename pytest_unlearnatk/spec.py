@@ -2,7 +2,8 @@
 
 One set of keys for both ways of declaring a gate:
 
-    concept, prompts, max_asr, judge, attack, budget, limit, n_tokens, render, batch, name (YAML only)
+    concept, prompts, max_asr, judge, attack, budget, limit, n_tokens, check_text, candidates_per_check,
+    position_choices, render, batch, max_new_broken, name (YAML only)
 
 Everything here is pure Python (no torch): a bad declaration fails at collection time with the
 file, the key and the fix. What the run's options change (budget, batch) is decided later, by

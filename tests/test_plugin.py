@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -69,6 +70,16 @@ def test_marker_gates_pass_and_fail_with_a_readable_message(pytester, gate_args,
 
     per_gate = json.loads((tmp_path / "report" / "gates" / gate_file_name("test_gates.py::test_resists")).read_text())
     assert len(per_gate["result"]["cases"]) == 2 and per_gate["result"]["cases"][0]["steps"] == 6
+
+
+def test_pytest_markers_lists_every_key_a_marker_takes(pytester):
+    """``pytest --markers`` is where a user looks up the marker: it names every gate key (a key
+    missing there is found only by reading the source)."""
+    from pytest_unlearnatk.spec import GATE_KEYS
+
+    result = pytester.runpytest("--markers")
+    [line] = [line for line in result.stdout.lines if line.startswith("@pytest.mark.unlearn_attack(")]
+    assert [key for key in GATE_KEYS if not re.search(rf"\b{key}\b", line)] == []
 
 
 def test_a_test_with_two_gate_markers_fails_instead_of_dropping_one(pytester, gate_args):
