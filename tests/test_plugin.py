@@ -179,8 +179,8 @@ gates:
 
 def test_candidates_per_check_in_a_suite_reaches_the_attack(pytester, gate_args, tmp_path):
     """The gate keys ``candidates_per_check: n`` and ``position_choices: m`` reach the attack's
-    settings (and so its store key);
-    a value above the budget's steps per timestep stops collection, naming the file and the gate."""
+    settings (and so its store key); a ``candidates_per_check`` above the budget's steps per
+    timestep stops collection, naming the file and the gate."""
     pytester.makepyfile(judges=JUDGES)
     pytester.syspathinsert()
     prompts = [f"a photo of thing number {i}" for i in range(2)]

@@ -545,7 +545,8 @@ class _BatchedOptimization(FixedShapeBatch):
         best = options[option_losses.index(best_loss)]
         if choices == 1:
             return best
-        most_probable = self.probabilities.detach()[row].topk(choices, dim=-1).indices.tolist()
+        # a vocabulary smaller than m: every token is a choice
+        most_probable = self.probabilities.detach()[row].topk(min(choices, self.vocab), dim=-1).indices.tolist()
         return refine_by_position(best, best_loss, most_probable, losses)
 
     def _end_blocks(self, ended: list[int]) -> list[int]:
