@@ -22,7 +22,7 @@ seconds per case (``<model>_<attack>_s``), measured in the same run as UnlearnDi
 not computed by default, UnlearnDiffAtk `fast` with settings that are off by default: ``check_text``
 (each missed candidate's decoded text judged too), ``candidates_per_check`` (the lowest-loss of
 20 argmax candidates per block is checked), ``position_choices`` (each position of a block's
-candidate may take whichever of its 3 most probable tokens lowers the loss).
+candidate may take whichever of its 3 or 5 most probable tokens lowers the loss most).
 
 ``--quick``: toy:leaky (the planted leak, the known answer), 8 prompts, no reference column (about a minute).
 """
@@ -47,6 +47,7 @@ OPT_IN_COLUMNS = {
     "UnlearnDiffAtk fast, candidates_per_check 20": {"candidates_per_check": 20},
     "UnlearnDiffAtk fast, candidates_per_check 20, check_text": {"candidates_per_check": 20, "check_text": True},
     "UnlearnDiffAtk fast, position_choices 3": {"position_choices": 3},
+    "UnlearnDiffAtk fast, position_choices 5": {"position_choices": 5},
 }
 MORE = {"ring-a-bell": "Ring-A-Bell fast", "p4d-n": "P4D-n fast", "p4d-k": "P4D-k fast",
         "concept-inversion": "concept inversion fast (white-box bound)"}

@@ -648,7 +648,13 @@ def changed_checks_and_losses(tiny_model, base_model, **setting):
     """Three cases at 3 blocks of 6 steps, without and with ``setting``; asserts the optimization
     (steps, losses, check steps) is the same, and returns, for every check whose tokens the setting
     changed, the denoising losses (fixed ranking noise) of (checked with the setting, checked without)."""
-    from pytest_unlearnatk.attacks.unlearndiffatk import candidate_losses, encode_target, ranking_noises
+    from pytest_unlearnatk.attacks.unlearndiffatk import (
+        candidate_losses,
+        encode_target,
+        ranking_noises,
+        ranking_timesteps,
+    )
+    from pytest_unlearnatk.render import noise_schedule
     from pytest_unlearnatk.targets import RenderedTargets
 
     pipeline = tiny_model.pipeline
@@ -672,7 +678,8 @@ def changed_checks_and_losses(tiny_model, base_model, **setting):
             if chosen.adversarial_ids != without.adversarial_ids:
                 noises = ranking_noises(0, case.case.seed, block, latent)
                 sequences = [layout.sequence(content, ids) for ids in (chosen.adversarial_ids, without.adversarial_ids)]
-                found.append(candidate_losses(pipeline, sequences, latent, chosen.timestep, noises))
+                timesteps = ranking_timesteps(len(noise_schedule(pipeline)))
+                found.append(candidate_losses(pipeline, sequences, latent, timesteps, noises))
     assert found, f"{setting} changed no block's candidate: the test shows nothing"
     return found
 
@@ -706,6 +713,28 @@ def test_candidates_per_check_ranking_time_counts_as_optimization_time(tiny_mode
                       progress=False)
     assert calls, "no block ranked more than one candidate: the test shows nothing"
     assert result.cases[0].timings["optimize_s"] >= pause * len(calls)
+
+
+def test_candidates_are_ranked_at_timesteps_spread_over_the_schedule(tiny_model, base_model):
+    """Each ranking noise draw is taken at its own timestep, the middles of equal parts of the
+    schedule; a candidate's loss is the mean over the draws of the loss of that draw at its timestep."""
+    from pytest_unlearnatk.attacks.unlearndiffatk import candidate_losses, ranking_timesteps
+
+    assert ranking_timesteps(1000) == [125, 375, 625, 875]
+    assert ranking_timesteps(1000, 1) == [500] and ranking_timesteps(100, 2) == [25, 75]
+    pipeline = tiny_model.pipeline
+    layout = TokenLayout.from_pipeline(pipeline)
+    sequences = [layout.sequence(pipeline.tokenizer(text, add_special_tokens=False).input_ids)
+                 for text in ("a red circle", "a blue square")]
+    size = pipeline.unet.config.sample_size
+    latent, noises = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(1)), \
+        torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(2))
+    spread = candidate_losses(pipeline, sequences, latent, [100, 900], noises)
+    alone = [candidate_losses(pipeline, sequences, latent, t, noises[i:i + 1]) for i, t in enumerate([100, 900])]
+    assert spread == pytest.approx([(a + b) / 2 for a, b in zip(*alone)], rel=1e-5)
+    assert spread != pytest.approx(candidate_losses(pipeline, sequences, latent, 100, noises), rel=1e-3)
+    with pytest.raises(ValueError, match="3 timesteps for 2 noise draws"):
+        candidate_losses(pipeline, sequences, latent, [1, 2, 3], noises)
 
 
 def test_refine_by_position_takes_each_positions_lowest_loss_token_in_turn():
@@ -750,6 +779,10 @@ def test_candidates_per_check_steps_store_key_and_noise_for_the_largest_case_see
     assert UnlearnDiffAtk(get_preset("fast", candidates_per_check=4)).config_dict()["candidates_per_check"] == 4
     assert "position_choices" not in UnlearnDiffAtk(get_preset("reference")).config_dict()
     assert UnlearnDiffAtk(get_preset("reference", position_choices=3)).config_dict()["position_choices"] == 3
+    # results ranked at the block's timestep (before ranking_version 2) are not reused as ranked across the schedule
+    assert "ranking_version" not in UnlearnDiffAtk(get_preset("reference", check_text=True)).config_dict()
+    for setting in ({"position_choices": 3}, {"candidates_per_check": 2}):
+        assert UnlearnDiffAtk(get_preset("reference", **setting)).config_dict()["ranking_version"] == 2
     latent = torch.zeros(1, 4, 8, 8)
     noises = ranking_noises(2**31, MAX_SEED, 49, latent)  # the largest seeds a config and a case take
     assert noises.shape == (4, 4, 8, 8) and torch.equal(noises, ranking_noises(2**31, MAX_SEED, 49, latent))

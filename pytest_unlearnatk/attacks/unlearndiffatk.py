@@ -14,8 +14,8 @@ that shows the concept, i.e. that minimize its denoising loss on that image:
    at the case's seed and guidance and judged. The first hit ends the case. With ``check_text``,
    a candidate that missed is judged a second time as the ids its decoded text tokenizes to. With
    ``candidates_per_check`` n > 1, the argmax tokens are taken n times in the block, and the one
-   the model finds the lowest denoising loss for (the attack's own objective, on fixed noise) is
-   the block's candidate. With ``position_choices`` m > 1, that candidate is then refined one
+   the model finds the lowest denoising loss for (the attack's own objective, on fixed noise at
+   timesteps spread over the schedule) is the block's candidate. With ``position_choices`` m > 1, that candidate is then refined one
    position at a time: each position takes whichever of its m most probable tokens gives the lowest
    denoising loss, the other positions held.
 """
@@ -42,7 +42,8 @@ from .batching import resolve_batch_size as resolve_batch_size
 
 # CLIP reads 77 tokens, two of them BOS and EOS: at most 75 adversarial ones (fewer with the prompt)
 MAX_ADVERSARIAL_TOKENS = 75
-# noise draws on which candidates_per_check compares a block's candidates (the same draws for each)
+# noise draws on which candidates_per_check and position_choices compare a block's candidates (the
+# same draws for each), each at its own timestep (ranking_timesteps)
 RANKING_NOISES = 4
 # a bound on position_choices: a block's refinement compares up to n_tokens * (m - 1) + 1 candidates
 MAX_POSITION_CHOICES = 100
@@ -63,7 +64,7 @@ class UnlearnDiffAtkConfig:
     # differ (what the reference code judges instead of the ids; docs/method.md, "Success check")
     check_text: bool = False
     # argmax candidates taken per block, evenly spaced, the last at its end; the one of lowest
-    # denoising loss on the target (block's timestep, RANKING_NOISES fixed noise draws) is checked
+    # denoising loss on the target (RANKING_NOISES fixed noise draws at ranking_timesteps) is checked
     candidates_per_check: int = 1
     # each adversarial position in turn takes whichever of its m most probable tokens gives the block's
     # candidate the lowest denoising loss (same noise draws); 1: the argmax tokens as they are (the paper)
@@ -331,6 +332,10 @@ class UnlearnDiffAtk:
             del settings["candidates_per_check"]
         if settings["position_choices"] == 1:
             del settings["position_choices"]
+        if "candidates_per_check" in settings or "position_choices" in settings:
+            # 2 = candidates compared at ranking_timesteps (spread over the schedule); 1 (unnamed) = at
+            # the block's timestep
+            settings["ranking_version"] = 2
         return {**settings, "version": 6}
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
@@ -387,6 +392,7 @@ class _BatchedOptimization(FixedShapeBatch):
         self.autocast_dtype = self.table.dtype if self.device.type == "cuda" and half else None
         self.vocab = self.table.shape[0]
         self.alphas_cumprod = noise_schedule(pipeline).to(device=self.device, dtype=torch.float32)
+        self.ranking_timesteps = ranking_timesteps(len(self.alphas_cumprod))
         self.v_prediction = pipeline.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
         self.injector = EmbeddingInjector(pipeline.text_encoder, list(range(1, 1 + self.config.n_tokens)))
         k = self.config.n_tokens
@@ -515,8 +521,9 @@ class _BatchedOptimization(FixedShapeBatch):
         block's argmax candidates, the one of the lowest denoising loss on the case's target (the
         first of equals); then, one position at a time, the token among that position's
         ``position_choices`` most probable (row ``row`` of the batch) that lowers the loss most, if
-        any does. Losses: at the block's timestep, on RANKING_NOISES noise draws fixed by the seeds
-        and the block. The case's own generator is not used, so the optimization is the same as without."""
+        any does. Losses: on RANKING_NOISES noise draws fixed by the seeds and the block, each at one
+        of :func:`ranking_timesteps` (spread over the schedule, whatever the block's timestep). The
+        case's own generator is not used, so the optimization is the same as without."""
         import torch
 
         options: list[list[int]] = []
@@ -535,7 +542,7 @@ class _BatchedOptimization(FixedShapeBatch):
         def losses(candidates: list[list[int]]) -> list[float]:
             sequences = [layout.sequence(slot.job.prompt.content_ids, candidate) for candidate in candidates]
             with autocast:
-                found = candidate_losses(self.pipeline, sequences, slot.target_latent, slot.timestep, noises,
+                found = candidate_losses(self.pipeline, sequences, slot.target_latent, self.ranking_timesteps, noises,
                                          self.alphas_cumprod)
             # a non-finite loss (a half-precision overflow, say) ranks last, not by NaN's comparisons
             return [loss if math.isfinite(loss) else math.inf for loss in found]
@@ -656,24 +663,37 @@ def ranking_noises(attack_seed: int, case_seed: int, block: int, target_latent: 
     return torch.randn((RANKING_NOISES, *target_latent.shape[1:]), generator=generator, device=target_latent.device)
 
 
-def candidate_losses(pipeline: Any, sequences: list[list[int]], target_latent: Any, timestep: int, noises: Any,
-                     alphas_cumprod: Any = None) -> list[float]:
+def ranking_timesteps(num_train_timesteps: int, n: int = RANKING_NOISES) -> list[int]:
+    """The timesteps at which a block's candidates are compared, one per noise draw: the middles of
+    ``n`` equal parts of the schedule (125, 375, 625, 875 for 1000 timesteps and 4 draws). A render
+    passes through every noise level, so the comparison does too, whichever timestep the block
+    optimized (docs/validity.md, "Ranking at timesteps across the schedule")."""
+    return [num_train_timesteps * (2 * i + 1) // (2 * n) for i in range(n)]
+
+
+def candidate_losses(pipeline: Any, sequences: list[list[int]], target_latent: Any, timesteps: int | list[int],
+                     noises: Any, alphas_cumprod: Any = None) -> list[float]:
     """The attack's objective for each id sequence, averaged over the same given noise samples
-    (n, C, H, W) at one timestep: with fixed noise, it compares prompts fairly (the attack's steps
-    draw fresh noise each). ``alphas_cumprod``: the model's noise schedule, if already at hand."""
+    (n, C, H, W): with fixed noise, it compares prompts fairly (the attack's steps draw fresh noise
+    each). ``timesteps``: one for every draw, or one timestep per draw (noise ``i`` at
+    ``timesteps[i]``). ``alphas_cumprod``: the model's noise schedule, if already at hand."""
     import torch
 
     device = target_latent.device
     alphas = (noise_schedule(pipeline) if alphas_cumprod is None else alphas_cumprod).to(device)
     noises = noises.to(device)
+    per_draw = [timesteps] * len(noises) if isinstance(timesteps, int) else list(timesteps)
+    if len(per_draw) != len(noises):
+        raise ValueError(f"{len(per_draw)} timesteps for {len(noises)} noise draws")
     v_prediction = pipeline.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
     with torch.no_grad():
         hidden = pipeline.text_encoder(torch.tensor(sequences, device=device))[0]
         hidden = hidden.repeat_interleave(len(noises), dim=0)  # sequence i's rows: i * n ... i * n + n - 1
         repeated = noises.repeat(len(sequences), 1, 1, 1)
-        signal, noise_scale = alphas[timestep].sqrt(), (1 - alphas[timestep]).sqrt()
+        timesteps = torch.tensor(per_draw * len(sequences), device=device)  # row j: draw j % n
+        alpha = alphas[timesteps].view(-1, 1, 1, 1)
+        signal, noise_scale = alpha.sqrt(), (1 - alpha).sqrt()
         noisy = (signal * target_latent + noise_scale * repeated).to(pipeline.unet.dtype)
-        timesteps = torch.full((len(repeated),), timestep, device=device)
         prediction = pipeline.unet(noisy, timesteps, encoder_hidden_states=hidden).sample.float()
         wanted = signal * repeated - noise_scale * target_latent if v_prediction else repeated
         return (prediction - wanted).pow(2).mean(dim=(1, 2, 3)).view(len(sequences), -1).mean(dim=1).tolist()
