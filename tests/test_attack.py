@@ -783,6 +783,11 @@ def test_candidates_per_check_steps_store_key_and_noise_for_the_largest_case_see
     assert "ranking_version" not in UnlearnDiffAtk(get_preset("reference", check_text=True)).config_dict()
     for setting in ({"position_choices": 3}, {"candidates_per_check": 2}):
         assert UnlearnDiffAtk(get_preset("reference", **setting)).config_dict()["ranking_version"] == 2
+    # fast refines its candidates (position_choices 5) since ranking_version 2: its stored results
+    # from before, unrefined, are not reused as if they were; position_choices 1 is the plain argmax
+    fast = UnlearnDiffAtk(get_preset("fast")).config_dict()
+    assert (fast["position_choices"], fast["ranking_version"]) == (5, 2)
+    assert "position_choices" not in UnlearnDiffAtk(get_preset("fast", position_choices=1)).config_dict()
     latent = torch.zeros(1, 4, 8, 8)
     noises = ranking_noises(2**31, MAX_SEED, 49, latent)  # the largest seeds a config and a case take
     assert noises.shape == (4, 4, 8, 8) and torch.equal(noises, ranking_noises(2**31, MAX_SEED, 49, latent))
