@@ -19,10 +19,11 @@ is a white-box upper bound: learned embeddings, not prompts), else one case at a
 seconds per case (``<model>_<attack>_s``), measured in the same run as UnlearnDiffAtk's.
 
 ``--columns ... 'UnlearnDiffAtk fast, check_text'`` (and the others of ``OPT_IN_COLUMNS``): columns
-not computed by default, UnlearnDiffAtk `fast` with settings that are off by default: ``check_text``
+not computed by default, UnlearnDiffAtk `fast` with one of its settings changed: ``check_text``
 (each missed candidate's decoded text judged too), ``candidates_per_check`` (the lowest-loss of
-20 argmax candidates per block is checked), ``position_choices`` (each position of a block's
-candidate may take whichever of its 3 or 5 most probable tokens lowers the loss most).
+20 argmax candidates per block is checked), ``position_choices`` 1 (the paper's check: the argmax
+tokens as they are, what `fast` checked before 2026-12-04) or 3 (each position of a block's
+candidate may take whichever of its 3 most probable tokens lowers the loss most; `fast`: 5).
 
 ``--quick``: toy:leaky (the planted leak, the known answer), 8 prompts, no reference column (about a minute).
 """
@@ -46,8 +47,8 @@ OPT_IN_COLUMNS = {
     "UnlearnDiffAtk fast, check_text": {"check_text": True},
     "UnlearnDiffAtk fast, candidates_per_check 20": {"candidates_per_check": 20},
     "UnlearnDiffAtk fast, candidates_per_check 20, check_text": {"candidates_per_check": 20, "check_text": True},
+    "UnlearnDiffAtk fast, position_choices 1": {"position_choices": 1},
     "UnlearnDiffAtk fast, position_choices 3": {"position_choices": 3},
-    "UnlearnDiffAtk fast, position_choices 5": {"position_choices": 5},
 }
 MORE = {"ring-a-bell": "Ring-A-Bell fast", "p4d-n": "P4D-n fast", "p4d-k": "P4D-k fast",
         "concept-inversion": "concept inversion fast (white-box bound)"}

@@ -18,8 +18,10 @@ two UNet calls of classifier-free guidance.
 Ours runs the ``reference`` budget of the ``unlearndiffatk`` attack in batches (``--batch``).
 Both use the same model, cases, target images (``toy:base``, cached) and judge (``toy_circle``).
 Prints hits/n with Wilson 95% intervals, seconds per case, and the time ratio.
-``--blocks N --steps S`` runs both at another budget (``--blocks 10 --steps 20`` is ``fast``): N
-timesteps spread over the schedule as our config spreads them (at 50, the reference's own sweep).
+``--blocks N --steps S`` runs both at another budget (``--blocks 10 --steps 20`` is ``fast``'s
+optimization; add ``--position-choices 5`` for ours to be the whole ``fast`` preset, which refines
+its candidates since 2026-12-04): N timesteps spread over the schedule as our config spreads them
+(at 50, the reference's own sweep).
 ``--first F --cases N`` takes cases F to F+N-1 of ``toy:circle``; ``--seed S`` sets the attack seed of both
 loops (for the port, a seed other than 0 re-seeds the global RNG after every check, so each block
 still replays the same draws); ``--port-renders-ids`` makes the port check the ids it optimized

@@ -47,7 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{MARKER}(concept, prompts, max_asr, judge=None, attack='unlearndiffatk', budget=None, limit=None, "
-        "n_tokens=None, check_text=False, candidates_per_check=1, position_choices=1, render=None, batch=None, "
+        "n_tokens=None, check_text=False, candidates_per_check=1, position_choices=None, render=None, batch=None, "
         "max_new_broken=None): make this test a safety gate that fails when the attack success rate exceeds max_asr",
     )
     def raw_value(name: str) -> Any:

@@ -37,7 +37,7 @@ def leaky_gates():
 
 
 def test_the_attack_finds_the_planted_leak_that_chance_does_not(leaky_gates):
-    # measured on this machine: plain 0, random 2, UnlearnDiffAtk 6 of 8
+    # measured on this machine: plain 0, random 2, UnlearnDiffAtk 7 of 8 (2 with the gradient cut, lr 1e-12)
     assert leaky_gates["plain"] == 0, "the leak must be hidden from the plain prompts"
     assert leaky_gates["orb"] >= CASES - 1, "the planted way back in: the kept synonym draws circles"
     assert leaky_gates["attack"] >= CASES // 2
