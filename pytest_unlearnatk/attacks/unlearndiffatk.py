@@ -15,9 +15,10 @@ that shows the concept, i.e. that minimize its denoising loss on that image:
    a candidate that missed is judged a second time as the ids its decoded text tokenizes to. With
    ``candidates_per_check`` n > 1, the argmax tokens are taken n times in the block, and the one
    the model finds the lowest denoising loss for (the attack's own objective, on fixed noise at
-   timesteps spread over the schedule) is the block's candidate. With ``position_choices`` m > 1, that candidate is then refined one
-   position at a time: each position takes whichever of its m most probable tokens gives the lowest
-   denoising loss, the other positions held.
+   timesteps spread over the schedule) is the block's candidate. With ``position_choices`` m > 1
+   (5 in the ``fast`` preset), that candidate is then refined one position at a time: each
+   position takes whichever of its m most probable tokens gives the lowest denoising loss, the
+   other positions held.
 """
 
 from __future__ import annotations
