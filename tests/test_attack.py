@@ -660,6 +660,7 @@ def changed_checks_and_losses(tiny_model, base_model, **setting):
     pipeline = tiny_model.pipeline
     layout = TokenLayout.from_pipeline(pipeline)
     cases = load_cases(CASES[:3])
+    timesteps = ranking_timesteps(len(noise_schedule(pipeline)))  # as the attack ranks
 
     def gate(**settings):
         budget = get_preset("reference", num_timesteps=3, steps_per_timestep=6, **settings)
@@ -678,7 +679,6 @@ def changed_checks_and_losses(tiny_model, base_model, **setting):
             if chosen.adversarial_ids != without.adversarial_ids:
                 noises = ranking_noises(0, case.case.seed, block, latent)
                 sequences = [layout.sequence(content, ids) for ids in (chosen.adversarial_ids, without.adversarial_ids)]
-                timesteps = ranking_timesteps(len(noise_schedule(pipeline)))
                 found.append(candidate_losses(pipeline, sequences, latent, timesteps, noises))
     assert found, f"{setting} changed no block's candidate: the test shows nothing"
     return found
@@ -715,7 +715,7 @@ def test_candidates_per_check_ranking_time_counts_as_optimization_time(tiny_mode
     assert result.cases[0].timings["optimize_s"] >= pause * len(calls)
 
 
-def test_candidates_are_ranked_at_timesteps_spread_over_the_schedule(tiny_model, base_model):
+def test_candidates_are_ranked_at_timesteps_spread_over_the_schedule(tiny_model):
     """Each ranking noise draw is taken at its own timestep, the middles of equal parts of the
     schedule; a candidate's loss is the mean over the draws of the loss of that draw at its timestep."""
     from pytest_unlearnatk.attacks.unlearndiffatk import candidate_losses, ranking_timesteps
