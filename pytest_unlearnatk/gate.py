@@ -257,11 +257,14 @@ def execute(
                    images=ImageKeeper(image_dir, store, blur) if image_dir or store else None, tracker=tracker)
     results: dict[int, CaseResult] = {}
     reused = 0
+    reused_steps: dict[int, int] = {}  # cases the attack ran on in an earlier run: see AttackJob.reused_steps
 
     def finish(index: int, result: CaseResult, was_reused: bool) -> None:
         nonlocal reused
         results[index] = result
         reused += was_reused
+        if was_reused:
+            reused_steps[index] = result.steps
         tracker.case_done(result.hit, was_reused, result.case.case_id)
         if on_case is not None:
             on_case(result)
@@ -273,6 +276,7 @@ def execute(
                 return
             job = run.begin(index, case_list)
             if isinstance(job, _GateJob):
+                job.reused_steps = reused_steps
                 yield job
             else:
                 finish(index, *job)
@@ -281,6 +285,8 @@ def execute(
                                         compile_unet=settings.compile_unet, case_count=len(case_list))
     try:
         for job, outcome in outcomes:
+            if settled(results.values(), len(case_list), settings.stop_settled_at):
+                break  # settled while the jobs were read: the cases in flight are dropped, as below
             finish(job.index, run.complete(job, outcome), False)
             if settled(results.values(), len(case_list), settings.stop_settled_at):
                 break

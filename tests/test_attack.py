@@ -634,13 +634,14 @@ def test_check_text_judges_the_ids_a_missed_candidates_text_tokenizes_to_and_sto
 
 
 def test_a_store_written_before_check_text_existed_keeps_its_keys():
-    """``check_text`` came after version 6 of the attack's settings: at its default it is left out
-    of the settings that key the store, so results stored before it are still reused."""
+    """``check_text`` came with version 6 of the attack's settings: at its default it is left out
+    of the settings that key the store, so the reference budget's key names only the paper's
+    settings and the version."""
     from pytest_unlearnatk.attacks.unlearndiffatk import UnlearnDiffAtk
 
     assert UnlearnDiffAtk(get_preset("reference")).config_dict() == {
         "n_tokens": 5, "lr": 0.01, "weight_decay": 0.1, "num_timesteps": 50, "steps_per_timestep": 40,
-        "grad_clip": 1.0, "seed": 0, "version": 6}
+        "grad_clip": 1.0, "seed": 0, "version": 7}
     assert UnlearnDiffAtk(get_preset("reference", check_text=True)).config_dict()["check_text"] is True
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Protocol
 
@@ -164,14 +164,22 @@ class AttackJob:
     """One case handed to an attack that works on several cases at once.
 
     ``index``: the case's index in the caller's list of cases. A batched attack runs case
-    ``index`` at batch place ``index % batch_size`` (its row in every batched model call), so
-    that the row, and with it the case's numbers, does not depend on which cases are already done
-    (see :mod:`.batching`). ``None``: the order in which the jobs arrive."""
+    ``index`` at batch place ``index % batch_size``, so that its row, and with it the case's
+    numbers, does not depend on which cases are already done (see :mod:`.batching`). ``None``:
+    the order in which the jobs arrive.
+
+    ``reused_steps``: the caller's cases whose results it took from the store instead of
+    attacking them (index -> the steps the attack took on each), one mapping shared by all jobs
+    and filled as the caller goes: it holds every such case before ``index`` when the job comes,
+    and all of them once the jobs run out. A batched attack keeps their places taken for those
+    steps, as the run that computed them did, so that a resumed run computes the other cases in
+    the same company of shapes (:mod:`.batching`)."""
 
     case: Case
     prompt: FittedPrompt
     context: AttackContext
     index: int | None = None
+    reused_steps: Mapping[int, int] = field(default_factory=dict)
 
 
 class Attack(Protocol):

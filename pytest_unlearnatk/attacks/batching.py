@@ -1,19 +1,28 @@
-"""Cases optimized together in a batch of fixed shape: the bookkeeping UnlearnDiffAtk, P4D and
-concept inversion share.
+"""Cases optimized together in a batch: the bookkeeping UnlearnDiffAtk, P4D and concept
+inversion share.
 
 A batch holds up to ``batch_size`` cases, one per place. Every step the attack runs its models
-once for all of them, at the batch's full shape, each case in the row of its place: a free place
-(one with no case left, towards a gate's end) holds a copy of another case, whose output is
-dropped. A case's row is fixed by the case, not by the run: case ``index`` of the gate always runs at place ``index % batch_size``
-(places take their cases in order). Rows must be fixed because CPU kernels do not compute every
-row alike: a small matrix product's last rows go through another inner loop than its first, and
-round differently (measured: a batch of six equal rows out of one ``Linear`` differs by 2e-7
-between rows). So a case's numbers depend on the batch size and its place, never on which cases
-share its batch, and so not on where an interrupted run was resumed (docs/performance.md, "What a
-case's result depends on"). A case's success check is rendered at its place too, with the checks
-of the other cases whose block ended at the same step (``Checker.check_many`` with places).
+once for all of them, each case in the row of its place. A case's place is fixed by the case, not
+by the run: case ``index`` of the gate always runs at place ``index % batch_size`` (places take
+their cases in order). CPU kernels do not compute every row alike: a small matrix product's last
+rows go through another inner loop than its first, and round differently (measured: a batch of
+six equal rows out of one ``Linear`` differs by 2e-7 between rows), and a call of another shape
+can round differently too. So a case's numbers depend on the shape of each call and its row in
+it, never on what the other rows hold.
 
-:class:`FixedShapeBatch` is the loop; an attack subclasses it with its own slots and step.
+The shape follows the gate's *timeline*: the steps of the batch since it started, as an
+uninterrupted run of the gate takes them. While every place is taken, the model sees
+``batch_size`` rows; towards the gate's end, when no case is left for a place, the calls shrink to
+the places still taken (rows in the order of the places), so the last long cases do not drag
+padded rows along. A run resumed after an interruption replays that timeline: a case whose result
+came from the store (``AttackJob.reused_steps``) holds its place for the steps it took, as it did
+in the run that computed it (a copy of a live case fills its row; no model work is spent on it
+while no case of this run is live). So every case sees the same shape and row at each of its
+steps, and gets the same numbers, whether or not the run was interrupted (docs/performance.md,
+"What a case's result depends on"). A case's success check is rendered at its row too, with the
+checks of the other cases whose block ended at the same step (:meth:`PlacedBatch.check_many`).
+
+:class:`PlacedBatch` is the loop; an attack subclasses it with its own slots and step.
 """
 
 from __future__ import annotations
@@ -22,13 +31,15 @@ import contextlib
 import math
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..cases import Case
 from ..errors import UnlearnAtkError
+from ..judges import Verdict
 from ..render import NonFiniteError
-from .base import AttackContext, AttackJob, AttackOutcome, StepCallback
+from .base import AttackContext, AttackJob, AttackOutcome, BlockContext, Checker, StepCallback
 
 AUTO_BATCH_MAX = {"cpu": 8, "gpu": 16}  # beyond these, batching gains little (docs/performance.md)
 BYTES_PER_ACTIVATION_UNIT = 760  # float32, measured on the CPU: see case_memory_bytes
@@ -96,7 +107,15 @@ def finite_losses(losses: list[Any], attack: str, case: Case, last_step: int, lo
     return values
 
 
-class FixedShapeBatch:
+@dataclass(frozen=True)
+class _Reused:
+    """A case of the gate whose result came from the store: it held its place for ``steps`` steps."""
+
+    index: int
+    steps: int
+
+
+class PlacedBatch:
     """The loop over a changing batch of cases (see the module's docstring).
 
     A subclass gives: ``max_steps``; ``_setup(context)`` (called on the first job: the model, and
@@ -105,11 +124,14 @@ class FixedShapeBatch:
     ``_step()`` (one step of every case); ``_block_ended(slot)``; ``_end_blocks(ended)`` (check
     those cases, return the finished ones, reset the others' ``step_in_block``). Optional hooks:
     ``_joined(added)`` and ``_left(keep)`` (the batch changed: restack per-batch state),
-    ``_next_blocks()`` (cases ended a block and none finished), ``_enter(stack)`` (contexts held
-    while the batch runs).
+    ``_next_blocks()`` (cases ended a block and none finished), ``_rows_changed()`` (the rows of a
+    model call changed and no case joined or left: restack per-row state), ``_enter(stack)``
+    (contexts held while the batch runs).
 
     ``self.slots`` lists the cases in the order they joined; :meth:`padded`, :meth:`padded_rows`
-    and :meth:`per_case` convert between that order and the rows of a model call (by place).
+    and :meth:`per_case` convert between that order and the rows of a model call (by place), and
+    :meth:`check_many` renders checks at those rows. ``self.row_places`` lists the place of each
+    row of the current calls.
     """
 
     max_steps: int
@@ -122,9 +144,15 @@ class FixedShapeBatch:
         self.batch_size = None if batch_size in (None, "auto") else self._capped(resolve_batch_size(batch_size, "cpu"))
         self.slots: list[Any] = []
         self.pipeline: Any = None
-        self.waiting: defaultdict[int, deque[AttackJob]] = defaultdict(deque)  # place -> jobs read ahead
+        self.waiting: defaultdict[int, deque[AttackJob | _Reused]] = defaultdict(deque)  # place -> read ahead
         self.jobs_read = 0
         self.jobs_left = True
+        self.clock = 0  # steps of the gate's timeline (see the module's docstring)
+        self.held: dict[int, int] = {}  # place -> the step at which the stay of a reused case there ends
+        self.reused: Mapping[int, int] = {}  # the gate's reused cases: index -> steps (AttackJob.reused_steps)
+        self.reused_queued: set[int] = set()
+        self.row_places: list[int] = []
+        self.row_of: dict[int, int] = {}  # place -> its row
 
     def _capped(self, size: int) -> int:
         """No more places than the gate has cases (the shape must not depend on how many remain)."""
@@ -136,31 +164,41 @@ class FixedShapeBatch:
     # --- rows of a model call, by place -------------------------------------------------------
 
     def padded(self, items: list[Any], filler: Any = None) -> list[Any]:
-        """``items`` (one per case, in the order of ``self.slots``) as the rows of a model call:
-        row ``p`` holds the item of the case at place ``p``; a free place ``filler``, by default
-        the first item."""
+        """``items`` (one per case, in the order of ``self.slots``) as the rows of a model call: a
+        row holds the item of the case at its place; a place held by a reused case ``filler``, by
+        default the first item."""
         by_place = {slot.place: item for slot, item in zip(self.slots, items)}
-        return [by_place.get(place, items[0] if filler is None else filler) for place in range(self.batch_size)]
+        return [by_place.get(place, items[0] if filler is None else filler) for place in self.row_places]
 
     def padded_rows(self, pieces: list[Any]) -> Any:
         """Tensors (one per case, in the order of ``self.slots``) concatenated as the rows of a
-        model call (see :meth:`padded`); a free place's copy is detached: no gradient comes back
+        model call (see :meth:`padded`); a filler row's copy is detached: no gradient comes back
         from a dropped row."""
         import torch
 
         return torch.cat(self.padded(pieces, filler=pieces[0].detach()))
 
     def per_case(self, rows: Any) -> Any:
-        """A model call's rows (by place) back in the order of ``self.slots``; free places dropped."""
-        return rows[[slot.place for slot in self.slots]]
+        """A model call's rows back in the order of ``self.slots``; filler rows dropped."""
+        return rows[[self.row_of[slot.place] for slot in self.slots]]
+
+    def check_many(self, requests: list[tuple[Checker, list[int]]], slot_indices: list[int],
+                   around: BlockContext | None = None) -> list[tuple[Verdict, Any]]:
+        """Render and judge the checks ``requests`` of the slots at ``slot_indices`` (one each), in
+        one render of the current calls' rows per guidance value, each in the row of its case's
+        place (:meth:`Checker.check_many`)."""
+        return Checker.check_many(requests, rows=len(self.row_places), around=around,
+                                  places=[self.row_of[self.slots[i].place] for i in slot_indices])
 
     # --- the batch's cases ------------------------------------------------------------------
 
     def _read_job(self) -> bool:
-        """Read one job into its place's queue; False when the jobs ran out."""
+        """Read one job into its place's queue, after the reused cases before it; False when the
+        jobs ran out (the reused cases after the last job are queued then)."""
         job = next(self.jobs, None) if self.jobs_left else None
         if job is None:
             self.jobs_left = False
+            self._queue_reused(None)
             return False
         if self.pipeline is None:
             self._setup(job.context)
@@ -170,29 +208,61 @@ class FixedShapeBatch:
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise UnlearnAtkError(f"job index {job.index!r} (case {job.case.case_id}): it must be the case's "
                                   "index in the list of cases, a whole number >= 0, or None")
+        if job.index is not None:
+            self.reused = job.reused_steps
+            self._queue_reused(index)
         self.jobs_read += 1
         self.waiting[index % self.batch_size].append(job)
         return True
 
+    def _queue_reused(self, below: int | None) -> None:
+        """Queue at their places the reused cases not queued yet, up to index ``below`` (None: all)."""
+        if self.batch_size is None:
+            return
+        for index in sorted(i for i in self.reused if i not in self.reused_queued and (below is None or i < below)):
+            self.reused_queued.add(index)
+            steps = self.reused[index]
+            if steps > 0:  # a case the plain prompt or a replay broke never took a place
+                self.waiting[index % self.batch_size].append(_Reused(index, steps))
+
     def _fill(self) -> None:
-        """Give every free place its next case, reading jobs only as far as a free place needs."""
+        """Give every free place its next case, reading jobs only as far as a free place needs; a
+        reused case holds its place for its steps. Then set the rows of the calls: every place
+        while each is taken; once the jobs ran out, the places still taken."""
         added = 0
         while True:
             if self.batch_size is not None:
-                busy = {slot.place for slot in self.slots}
+                busy = {slot.place for slot in self.slots} | set(self.held)
                 for place in range(self.batch_size):
                     if place not in busy and self.waiting[place]:
-                        slot = self._new_slot(self.waiting[place].popleft())
-                        slot.place = place
-                        self.slots.append(slot)
+                        item = self.waiting[place].popleft()
+                        if isinstance(item, _Reused):
+                            self.held[place] = self.clock + item.steps
+                        else:
+                            slot = self._new_slot(item)
+                            slot.place = place
+                            self.slots.append(slot)
+                            added += 1
                         busy.add(place)
-                        added += 1
                 if len(busy) == self.batch_size:
                     break
-            if not self._read_job():
+            if not self.jobs_left:
                 break
+            self._read_job()  # when the jobs run out, the reused cases after the last are placed next turn
+        rows = sorted({slot.place for slot in self.slots} | set(self.held))
+        changed = rows != self.row_places
+        self.row_places, self.row_of = rows, {place: row for row, place in enumerate(rows)}
         if added:
             self._joined(added)
+        elif changed and self.slots:
+            self._rows_changed()
+
+    def _expire(self) -> bool:
+        """End the stays of reused cases that end at the current step; True if any did."""
+        ended = [place for place, end in self.held.items() if end <= self.clock]
+        for place in ended:
+            del self.held[place]
+        return bool(ended)
 
     def _remove(self, finished: list[int]) -> None:
         keep = [i for i in range(len(self.slots)) if i not in set(finished)]
@@ -204,11 +274,19 @@ class FixedShapeBatch:
     def run(self) -> Iterator[tuple[AttackJob, AttackOutcome]]:
         with contextlib.ExitStack() as stack:
             self._fill()
-            if self.slots:
-                self._enter(stack)
-            while self.slots:
+            entered = False
+            while self.slots or self.held:
+                if not self.slots:  # only reused cases hold places: no model work until the next stay ends
+                    self.clock = min(self.held.values())
+                    self._expire()
+                    self._fill()
+                    continue
+                if not entered:
+                    self._enter(stack)
+                    entered = True
                 started = time.perf_counter()
                 self._step()
+                self.clock += 1
                 elapsed = time.perf_counter() - started
                 for slot in self.slots:
                     slot.outcome.optimize_seconds += elapsed / len(self.slots)
@@ -217,16 +295,15 @@ class FixedShapeBatch:
                 if self.on_step is not None:
                     self.on_step([(s.job.case, s.outcome.steps, self.max_steps) for s in self.slots])
                 ended = [i for i, slot in enumerate(self.slots) if self._block_ended(slot)]
-                if not ended:
-                    continue
-                finished = self._end_blocks(ended)
+                finished = self._end_blocks(ended) if ended else []
                 for i in finished:
                     yield self.slots[i].job, self.slots[i].outcome
                 if finished:
                     self._remove(finished)
-                    self._fill()
-                else:
+                elif ended:
                     self._next_blocks()
+                if self._expire() or finished:
+                    self._fill()
 
     # --- what an attack gives -----------------------------------------------------------------
 
@@ -250,6 +327,9 @@ class FixedShapeBatch:
 
     def _left(self, keep: list[int]) -> None:
         """Only the slots that were at indices ``keep`` remain."""
+
+    def _rows_changed(self) -> None:
+        """``self.row_places`` changed while the same cases stay (a reused case's stay ended)."""
 
     def _next_blocks(self) -> None:
         """Some cases ended a block and went on to their next one; none finished."""

@@ -16,11 +16,11 @@ what prompts can do, and is labelled so wherever it is shown. A hit's embedding 
 store as a safetensors file named by its SHA-256, and the stored prompt names it, so it replays.
 
 Cases are batched like UnlearnDiffAtk's and P4D's (:mod:`.batching`): up to ``batch_size`` cases
-at once, each step one text-encoder and one UNet call for all of them at the batch's full shape,
-each case in the row of its place (free places padded with copies of a live case, whose outputs are
-dropped), one MSE per row, summed for the backward pass so each case's gradient is its own. The
-checks of the cases whose check point came at this step are rendered together in one batch of
-exactly ``batch_size`` images, each in the row of its place with its own case's embedding injected
+at once, each step one text-encoder and one UNet call for all of them, each case in the row of its
+place (the calls shrink to the places still taken once no case is left for a place; a place a
+reused case holds gets a copy of a live case, whose outputs are dropped), one MSE per row, summed
+for the backward pass so each case's gradient is its own. The checks of the cases whose check
+point came at this step are rendered together, each in its row with its own case's embedding injected
 (the renderer encodes only the conditional rows; its negative embedding is computed once, alone),
 then judged one by one. Each case keeps its own
 generator (each step's timestep, then its noise), embedding, AdamW state and check schedule, so
@@ -39,8 +39,8 @@ from ..checks import finite, text, whole
 from ..errors import UnlearnAtkError
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
-from .base import AttackContext, AttackJob, AttackOutcome, Checker, StepCallback
-from .batching import FixedShapeBatch, case_memory_bytes, finite_losses
+from .base import AttackContext, AttackJob, AttackOutcome, StepCallback
+from .batching import PlacedBatch, case_memory_bytes, finite_losses
 from .unlearndiffatk import EmbeddingInjector, encode_target
 
 INVERTED = "<inverted>"  # how the pseudo-word is written in texts and reports
@@ -100,8 +100,9 @@ class ConceptInversion:
         # the store key): 2 = cases batched at the batch's full shape, one loss per row, checks
         # rendered in batches of the batch size (both round differently from version 1's one case);
         # 3 = each case runs and is rendered in the row of its place (case index % batch size), and
-        # each image is decoded alone (rows round differently: see .batching)
-        return {**asdict(self.config), "version": 3}
+        # each image is decoded alone (rows round differently: see .batching); 4 = once no case is
+        # left for a place, the calls shrink to the places still taken
+        return {**asdict(self.config), "version": 4}
 
     def start_token(self, pipeline: Any, concept: str) -> int:
         word = self.config.init_word or concept
@@ -123,10 +124,10 @@ class ConceptInversion:
         """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
 
         As UnlearnDiffAtk's and P4D's ``run_many`` (see :mod:`.batching`): each step runs the text
-        encoder and the UNet once for the whole batch, at its full shape (free places padded with
-        copies of a live case, whose outputs are dropped); the checks of the cases whose check
-        point came are rendered together, in batches of exactly ``batch_size`` images, each row
-        with its own embedding injected, then judged one by one. Each case keeps its own
+        encoder and the UNet once for the whole batch, each case in the row of its place (see
+        :mod:`.batching` for the rows and shapes of the calls); the checks of the cases whose check
+        point came are rendered together, each in its row with its own embedding injected, then
+        judged one by one. Each case keeps its own
         generator, embedding, AdamW state and check schedule, so its embedding and verdict do not
         depend on which cases share its batch. ``batch_size``: a number, or ``"auto"`` (decided on
         the model's device and size, as UnlearnDiffAtk's). ``compile_unet`` is ignored.
@@ -153,7 +154,7 @@ class _InversionSlot:
     place: int = 0  # its row in the batch's model calls (set by the loop)
 
 
-class _InversionBatch(FixedShapeBatch):
+class _InversionBatch(PlacedBatch):
     """Concept inversion's optimization loop over a changing batch of cases (see ``run_many``)."""
 
     def __init__(self, attack: ConceptInversion, jobs: Iterator[AttackJob], batch_size: int | str | None,
@@ -200,11 +201,14 @@ class _InversionBatch(FixedShapeBatch):
     def _joined(self, added: int) -> None:
         self._restack()
 
+    def _rows_changed(self) -> None:
+        self._restack()
+
     def _left(self, keep: list[int]) -> None:
         self._restack()
 
     def _restack(self) -> None:
-        """The text encoder's ids at the batch's full shape."""
+        """The text encoder's ids, one per row of the calls."""
         import torch
 
         if self.slots:
@@ -231,7 +235,7 @@ class _InversionBatch(FixedShapeBatch):
             timesteps.append(t)
             slot.timestep = t
         learned = [slot.learned for slot in slots]
-        # (rows, 1, width), each case in the row of its place; a free place's copy: outside the gradient
+        # (rows, 1, width), each case in the row of its place; a filler row's copy: outside the gradient
         self.injector.embeddings = self.padded_rows([embedding.unsqueeze(0) for embedding in learned])
         hidden = self.pipeline.text_encoder(self.ids)[0]
         self.injector.embeddings = None
@@ -269,8 +273,7 @@ class _InversionBatch(FixedShapeBatch):
             finally:
                 self.injector.embeddings = None
 
-        checked = Checker.check_many(requests, rows=self.batch_size, around=injected,
-                                     places=[self.slots[i].place for i in ended])
+        checked = self.check_many(requests, ended, around=injected)
         for i, embedding, (verdict, image) in zip(ended, embeddings, checked):
             slot = self.slots[i]
             outcome = slot.outcome

@@ -16,11 +16,11 @@ a gradient, a block of ``eval_step`` steps at a time (their timesteps and noise 
 then the unlearned one's for the block's steps), so the peak holds one UNet's weights, not two.
 
 Cases are batched like UnlearnDiffAtk's (:mod:`.batching`): up to ``batch_size`` cases at once,
-each step one text-encoder and one UNet call for all of them at the batch's full shape, each case in
-the row of its place (free places padded with copies of a live case, whose outputs are dropped); at
-a block's start the base UNet predicts the block's steps of each case starting one, in calls of
-exactly ``batch_size`` of its steps; the checks of the cases whose block ended are rendered together,
-each in the row of its place, in one batch of ``batch_size``. Each
+each step one text-encoder and one UNet call for all of them, each case in the row of its place
+(the calls shrink to the places still taken once no case is left for a place; a place a reused case
+holds gets a copy of a live case, whose outputs are dropped); at a block's start the base UNet
+predicts the block's steps of each case starting one, in calls of exactly ``batch_size`` of its
+steps; the checks of the cases whose block ended are rendered together, each in its row. Each
 case keeps its own generator (initial tokens, timesteps, noise), soft embeddings, AdamW state and
 check schedule, and its own free-token positions (P4D-k's differ with the prompt's length), so its
 tokens and verdict do not depend on which cases share its batch (tests/test_attacks_more.py).
@@ -38,8 +38,8 @@ from ..checks import finite, whole
 from ..errors import UnlearnAtkError
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
-from .base import AttackContext, AttackJob, AttackOutcome, Checker, StepCallback
-from .batching import FixedShapeBatch, case_memory_bytes, finite_losses
+from .base import AttackContext, AttackJob, AttackOutcome, StepCallback
+from .batching import PlacedBatch, case_memory_bytes, finite_losses
 from .unlearndiffatk import MAX_ADVERSARIAL_TOKENS, EmbeddingInjector, encode_target
 
 
@@ -129,8 +129,9 @@ class _P4D:
         # store key): 2 = cases batched at the batch's full shape, one loss per row (the batched
         # mean rounds differently from version 1's one-case mean, so a token can flip); 3 = each case
         # runs and is rendered in the row of its place (case index % batch size), its base predictions
-        # in calls of its own steps, each image decoded alone (rows round differently: see .batching)
-        return {**{k: v for k, v in asdict(self.config).items() if k != "offload_base"}, "version": 3}
+        # in calls of its own steps, each image decoded alone (rows round differently: see .batching);
+        # 4 = once no case is left for a place, the calls shrink to the places still taken
+        return {**{k: v for k, v in asdict(self.config).items() if k != "offload_base"}, "version": 4}
 
     def layout_of(self, content_ids: list[int], placeholder: int) -> tuple[list[int], list[int]]:
         """The candidate's content with placeholders, and the placeholders' indices in it."""
@@ -148,8 +149,8 @@ class _P4D:
         """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
 
         As UnlearnDiffAtk's ``run_many`` (see :mod:`.batching`): each step runs the text encoder
-        and the unlearned UNet once for the whole batch, at its full shape, each case in the row of
-        its place (free places padded with copies of a live case, whose outputs are dropped); at the
+        and the unlearned UNet once for the whole batch, each case in the row of its place (see
+        :mod:`.batching` for the rows and shapes of the calls); at the
         start of a block the base UNet computes the block's predictions of each case starting one,
         in calls of ``batch_size`` of its steps; checks are rendered together, each in the row of its
         place. Each case
@@ -195,7 +196,7 @@ class _P4DSlot:
 CASE_MEMORY_FACTOR = 1
 
 
-class _P4DBatch(FixedShapeBatch):
+class _P4DBatch(PlacedBatch):
     """P4D's optimization loop over a changing batch of cases (see ``_P4D.run_many``)."""
 
     def __init__(self, attack: _P4D, jobs: Iterator[AttackJob], batch_size: int | str | None,
@@ -274,11 +275,14 @@ class _P4DBatch(FixedShapeBatch):
     def _joined(self, added: int) -> None:
         self._restack()
 
+    def _rows_changed(self) -> None:
+        self._restack()
+
     def _left(self, keep: list[int]) -> None:
         self._restack()
 
     def _restack(self) -> None:
-        """The text encoder's ids and each row's free-token positions, at the batch's full shape."""
+        """The text encoder's ids and each row's free-token positions, one per row of the calls."""
         import torch
 
         if not self.slots:
@@ -344,7 +348,7 @@ class _P4DBatch(FixedShapeBatch):
         rows = self.padded(slots)
         # the nearest tokens' embeddings: the gradient on them updates the soft embeddings
         projected = self.table[torch.cat([self._nearest(slot) for slot in slots])].float().requires_grad_(True)
-        # each case's in the rows of its place; a free place's copy: outside the gradient
+        # each case's in the rows of its place; a filler row's copy: outside the gradient
         self.injector.embeddings = self.padded_rows(list(projected.split([len(slot.free) for slot in slots])))
         hidden = self.pipeline.text_encoder(self.ids)[0]
         self.injector.embeddings = None
@@ -381,7 +385,7 @@ class _P4DBatch(FixedShapeBatch):
                 full[index] = token
             requests.append((slot.job.context.check, slot.job.context.layout.sequence(full)))
             waiting.append((i, candidate, full))
-        checked = Checker.check_many(requests, rows=self.batch_size, places=[self.slots[i].place for i, _, _ in waiting])
+        checked = self.check_many(requests, [i for i, _, _ in waiting])
         for (i, candidate, full), (verdict, image) in zip(waiting, checked):
             outcome = self.slots[i].outcome
             outcome.checks.append(CandidateCheck(outcome.steps, 0, candidate, rendered=True, hit=verdict.hit,

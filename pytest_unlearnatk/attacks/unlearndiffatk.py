@@ -36,9 +36,9 @@ from ..errors import UnlearnAtkError
 from ..render import noise_schedule
 from ..results import CandidateCheck
 from ..tokens import FittedPrompt
-from .base import AttackContext, AttackJob, AttackOutcome, Checker, StepCallback
+from .base import AttackContext, AttackJob, AttackOutcome, StepCallback
 from .batching import AUTO_BATCH_MAX as AUTO_BATCH_MAX  # these lived here: still importable from here
-from .batching import FixedShapeBatch, case_memory_bytes, finite_losses
+from .batching import PlacedBatch, case_memory_bytes, finite_losses
 from .batching import resolve_batch_size as resolve_batch_size
 
 # CLIP reads 77 tokens, two of them BOS and EOS: at most 75 adversarial ones (fewer with the prompt)
@@ -326,9 +326,10 @@ class UnlearnDiffAtk:
         # runs the batch's full shape, and checks are rendered alone (other rounding in part-full batches);
         # 5 = checks are rendered in batches of the attack's batch size (other rounding than alone);
         # 6 = each case runs and is rendered in the row of its place (case index % batch size), and
-        # each image is decoded alone (rows round differently: see .batching)
+        # each image is decoded alone (rows round differently: see .batching); 7 = once no case is
+        # left for a place, the calls shrink to the places still taken (other shapes round differently)
         settings = asdict(self.config)
-        # added after version 6: left out at their defaults, so stored results stay valid
+        # added at version 6: left out at their defaults
         if not settings["check_text"]:
             del settings["check_text"]
         if settings["candidates_per_check"] == 1:
@@ -339,7 +340,7 @@ class UnlearnDiffAtk:
             # 2 = candidates compared at ranking_timesteps (spread over the schedule); 1 (unnamed) = at
             # the block's timestep
             settings["ranking_version"] = 2
-        return {**settings, "version": 6}
+        return {**settings, "version": 7}
 
     def run(self, case: Case, prompt: FittedPrompt, context: AttackContext) -> AttackOutcome:
         """Attack one case (a batch of one)."""
@@ -353,20 +354,21 @@ class UnlearnDiffAtk:
 
         The cases of a batch share every text-encoder and UNet call, each case in the row of its
         place (job ``index % batch_size``), and their success checks are rendered together, each
-        in the row of its place of one batch of exactly ``batch_size`` images (padded), then
-        judged one by one; a finished case's place goes to the next job of that place. Each case
+        in its row of one render of the calls' rows (padded), then judged one by one; a finished
+        case's place goes to the next job of that place, and once none is left the calls shrink
+        to the places still taken (see :mod:`.batching`). Each case
         keeps its own generator, optimizer state and timestep sweep, so it gets the tokens and
         verdict it gets alone at its place (losses agree up to float rounding). ``jobs`` is read
         lazily: only as far as a free place needs. ``batch_size``: a number, or ``"auto"``
         (see :func:`resolve_batch_size`; decided on the model's device and its size).
         ``compile_unet``: run the attack's UNet calls through ``torch.compile`` (worth it on a GPU
         for long gates; the first steps compile). ``case_count``: the gate's number of cases, a cap
-        on the batch (the model always runs the batch's full shape, see ``_restack``).
+        on the batch.
         """
         yield from _BatchedOptimization(self.config, iter(jobs), batch_size, on_step, compile_unet, case_count).run()
 
 
-class _BatchedOptimization(FixedShapeBatch):
+class _BatchedOptimization(PlacedBatch):
     """The optimization loop of UnlearnDiffAtk over a changing batch of cases (see ``run_many``)."""
 
     def __init__(self, config: UnlearnDiffAtkConfig, jobs: Iterator[AttackJob], batch_size: int | str | None,
@@ -437,6 +439,9 @@ class _BatchedOptimization(FixedShapeBatch):
         self.thresholds = torch.cat([self.thresholds, no_guess])
         self._restack()
 
+    def _rows_changed(self) -> None:
+        self._restack()
+
     def _left(self, keep: list[int]) -> None:
         self.probabilities = self.probabilities.detach()[keep]
         self.exp_avg, self.exp_avg_sq = self.exp_avg[keep], self.exp_avg_sq[keep]
@@ -452,10 +457,10 @@ class _BatchedOptimization(FixedShapeBatch):
         self.probabilities.requires_grad_(True)
         if getattr(self, "scratch", None) is None or self.scratch.shape != self.probabilities.shape:
             self.scratch = torch.empty_like(self.probabilities, requires_grad=False)  # reused every step
-        # The model always sees batch_size rows, each case in the row of its place (free places
-        # hold copies of the first case, whose outputs are dropped): so each case's numbers do not
-        # depend on which cases share its batch, and so on where an interrupted run was resumed
-        # (see .batching); tests/test_attack.py checks it bit for bit.
+        # The model sees the rows of the gate's timeline, each case in the row of its place (a
+        # place held by a reused case holds a copy of the first case, whose outputs are dropped):
+        # so each case's numbers do not depend on which cases share its batch, and so not on where
+        # an interrupted run was resumed (see .batching); tests/test_attack.py checks it bit for bit.
         rows = self.padded(self.slots)
         self.ids = torch.tensor([slot.ids for slot in rows], device=self.device)
         self.target_latents = torch.cat([slot.target_latent for slot in rows])
@@ -494,7 +499,7 @@ class _BatchedOptimization(FixedShapeBatch):
         autocast = (torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            rows = self.padded_rows(list(probabilities.split(1)))  # a free place's row: outside the gradient
+            rows = self.padded_rows(list(probabilities.split(1)))  # a filler row: outside the gradient
             self.injector.embeddings = _straight_through_lookup().apply(rows, sampled, self.table)
             hidden = self.pipeline.text_encoder(self.ids)[0]
             self.injector.embeddings = None
@@ -584,7 +589,7 @@ class _BatchedOptimization(FixedShapeBatch):
             layout = slot.job.context.layout
             requests.append((slot.job.context.check, layout.sequence(slot.job.prompt.content_ids, candidate)))
             waiting.append((i, candidate))
-        checked = Checker.check_many(requests, rows=self.batch_size, places=[self.slots[i].place for i, _ in waiting])
+        checked = self.check_many(requests, [i for i, _ in waiting])
         text_requests, text_waiting = [], []
         for (i, candidate), (verdict, image) in zip(waiting, checked):
             slot = self.slots[i]
@@ -598,8 +603,7 @@ class _BatchedOptimization(FixedShapeBatch):
                 text_requests.append((slot.job.context.check, slot.job.context.layout.sequence(content)))
                 text_waiting.append((i, candidate, content))
         # the second candidates render after the first, each case again in the row of its place
-        checked = Checker.check_many(text_requests, rows=self.batch_size,
-                                     places=[self.slots[i].place for i, _, _ in text_waiting])
+        checked = self.check_many(text_requests, [i for i, _, _ in text_waiting])
         for (i, candidate, content), (verdict, image) in zip(text_waiting, checked):
             slot = self.slots[i]
             outcome = slot.outcome
