@@ -473,12 +473,14 @@ def test_batched_cases_get_exactly_their_results_alone(tiny_dir, other_tiny_dir,
 
 
 def test_a_resumed_run_gives_each_case_the_result_of_an_uninterrupted_one_in_float32(tiny_dir, other_tiny_dir, tmp_path):
-    """The model always runs the batch's full shape (free places padded) and checks are rendered
-    in batches of that fixed size and judged alone, so in float32 too a case's tokens and verdict do not depend on
-    which cases share its batch: a run killed after 3 cases and resumed gives every case the same
-    result as one uninterrupted run, at the same batch size. At batch 8 the kept cases are 1, 4
-    and 6, stored cases between computed ones in the first block of plain prompts. (The judge
-    hashes the image bytes: a single pixel's rounding would show.)"""
+    """Each case runs at its place, the calls take the shapes of the gate's timeline (the places of
+    the cases reused from the store stay taken for the steps they ran), and checks are rendered in
+    the calls' rows and judged alone, so in float32 too a case's tokens and verdict do not depend
+    on which cases share its batch: a run killed after 3 cases and resumed gives every case the
+    same result as one uninterrupted run, at the same batch size. At batch 8 the kept cases are 1,
+    4 and 6, stored cases between computed ones in the first block of plain prompts. (The judge
+    hashes the image bytes: a single pixel's rounding would show. Without the reused cases' stays
+    the loss traces differ.)"""
     model, base = load_pipeline(tiny_dir), load_pipeline(other_tiny_dir)
     cases = load_cases([f"a photo of thing number {i}" for i in range(12)])
     budget = get_preset("reference", num_timesteps=4, steps_per_timestep=10)

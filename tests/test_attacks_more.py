@@ -268,10 +268,10 @@ def _same_results(first, second):
 
 @pytest.mark.parametrize("attack", BATCHED)
 def test_a_case_gets_exactly_its_result_in_any_company_of_its_batch(tiny_model, base_model, tmp_path, attack):
-    """P4D and concept inversion batch cases like UnlearnDiffAtk, at the batch's full shape: a case
-    run beside four others (batch 3: cases leave and join as they finish) gets bit for bit the
-    tokens (or embedding), loss trace, checks and verdict it gets alone in the batch (the other four
-    reused from the store, their places padded). The judge hashes the image bytes: a single
+    """P4D and concept inversion batch cases like UnlearnDiffAtk: a case run beside four others
+    (batch 3: cases leave and join as they finish) gets bit for bit the tokens (or embedding), loss
+    trace, checks and verdict it gets alone in the batch (the other four reused from the store,
+    their places held for the steps they ran). The judge hashes the image bytes: a single
     pixel's rounding would show (concept inversion's checks render each row's own embedding)."""
     from pytest_unlearnatk import Store
 

@@ -25,10 +25,12 @@ class Checker:
     rows, never in a batch whose shape depends on how many candidates happen to be waiting:
     kernels round differently at other shapes, and a judge's line can fall inside that rounding,
     so a case's verdict would depend on which cases shared its batch (and so on where an
-    interrupted run was resumed). At a fixed shape a row's image does not depend on what the other
+    interrupted run was resumed). At a given shape a row's image does not depend on what the other
     rows hold, but it can depend on the row (CPU kernels round their last rows differently): a
-    batched attack renders each case's checks in the row of its batch place (``places``), and
-    tests/test_attack.py checks it bit for bit. docs/performance.md has the costs.
+    batched attack renders each case's checks in the row of its batch place (``places``), in a
+    render of as many rows as its model calls have, which follow the gate's timeline (see
+    :mod:`.batching`), and tests/test_attack.py checks it bit for bit. docs/performance.md has the
+    costs.
     """
 
     def __init__(self, renderer: Renderer, judge: Judge, case: Case) -> None:
