@@ -2,9 +2,10 @@
 
 CPU kernels round a batch's rows differently by where they sit (a matrix product's last rows go
 through another inner loop) and by the shape of the call, so a case's numbers stay the same only
-if its rows and shapes do: case i of a gate runs at place i % batch_size, the calls shrink to the
-places still taken once no case is left for a place, and a resumed run keeps the places of the
-cases it took from the store taken for as long as they ran, so each case sees the same shapes."""
+if its rows and shapes do: places that come free take the next cases in order, the calls shrink
+to the places still taken once no case is left, and a resumed run gives the cases it took from the
+store their places in turn, for as long as they ran, so each other case gets the same place and
+shapes as in an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -86,17 +87,20 @@ def _company(steps):
     return seen
 
 
-def test_each_case_runs_in_the_row_of_its_place():
+def test_each_case_keeps_one_place_for_all_its_steps():
     finished, steps = _run(range(10))
     assert finished == list(range(10))
-    assert _places(steps) == {n: {n % 3} for n in range(10)}
+    assert all(len(places) == 1 for places in _places(steps).values()) and len(_places(steps)) == 10
     assert all(len(company) == steps_of(n) for n, company in _company(steps).items())
 
 
-def test_calls_shrink_to_the_places_still_taken_once_the_cases_run_out():
+def test_free_places_take_the_next_cases_lowest_place_first_and_calls_shrink_at_the_end():
     _, steps = _run(range(7), case_count=7)
-    assert [list(rows.values()) for rows, _ in steps] == [[0, 1, 2], [3, 1, 2], [6, 4, 2], [4, 5], [5], [5]]
-    assert [read for _, read in steps][:2] == [3, 4]  # the first step read three jobs, the second one more
+    # case n runs 1 + n % 3 steps: after step 2, cases 1 and 3 end, places 0 and 1 take 4 and 5;
+    # after step 4 no case is left for places 0 and 2, so the calls shrink to place 1
+    assert [rows for rows, _ in steps] == [
+        {0: 0, 1: 1, 2: 2}, {0: 3, 1: 1, 2: 2}, {0: 4, 1: 5, 2: 2}, {0: 4, 1: 5, 2: 6}, {1: 5}]
+    assert [read for _, read in steps][:3] == [3, 4, 6]  # jobs are read only as far as a free place needs
 
 
 def test_a_resumed_run_gives_each_case_the_shapes_and_rows_of_an_uninterrupted_one():

@@ -165,17 +165,16 @@ class AttackOutcome:
 class AttackJob:
     """One case handed to an attack that works on several cases at once.
 
-    ``index``: the case's index in the caller's list of cases. A batched attack runs case
-    ``index`` at batch place ``index % batch_size``, so that its row, and with it the case's
-    numbers, does not depend on which cases are already done (see :mod:`.batching`). ``None``:
-    the order in which the jobs arrive.
+    ``index``: the case's index in the caller's list of cases (jobs come in that order).
+    ``None``: the order in which the jobs arrive.
 
     ``reused_steps``: the caller's cases whose results it took from the store instead of
     attacking them (index -> the steps the attack took on each), one mapping shared by all jobs
     and filled as the caller goes: it holds every such case before ``index`` when the job comes,
-    and all of them once the jobs run out. A batched attack keeps their places taken for those
-    steps, as the run that computed them did, so that a resumed run computes the other cases in
-    the same company of shapes (:mod:`.batching`)."""
+    and all of them once the jobs run out. A batched attack gives them their places in turn and
+    keeps those taken for their steps, as the run that computed them did, so that a resumed run
+    gives every other case the place and the shapes of calls, and so the numbers, of an
+    uninterrupted one (:mod:`.batching`)."""
 
     case: Case
     prompt: FittedPrompt

@@ -2,25 +2,25 @@
 inversion share.
 
 A batch holds up to ``batch_size`` cases, one per place. Every step the attack runs its models
-once for all of them, each case in the row of its place. A case's place is fixed by the case, not
-by the run: case ``index`` of the gate always runs at place ``index % batch_size`` (places take
-their cases in order). CPU kernels do not compute every row alike: a small matrix product's last
-rows go through another inner loop than its first, and round differently (measured: a batch of
-six equal rows out of one ``Linear`` differs by 2e-7 between rows), and a call of another shape
-can round differently too. So a case's numbers depend on the shape of each call and its row in
-it, never on what the other rows hold.
+once for all of them, each case in the row of its place. CPU kernels do not compute every row
+alike: a small matrix product's last rows go through another inner loop than its first, and round
+differently (measured: a batch of six equal rows out of one ``Linear`` differs by 2e-7 between
+rows), and a call of another shape can round differently too. So a case's numbers depend on the
+shape of each call and on its row in it, never on what the other rows hold.
 
-The shape follows the gate's *timeline*: the steps of the batch since it started, as an
-uninterrupted run of the gate takes them. While every place is taken, the model sees
-``batch_size`` rows; towards the gate's end, when no case is left for a place, the calls shrink to
-the places still taken (rows in the order of the places), so the last long cases do not drag
-padded rows along. A run resumed after an interruption replays that timeline: a case whose result
-came from the store (``AttackJob.reused_steps``) holds its place for the steps it took, as it did
-in the run that computed it (a copy of a live case fills its row; no model work is spent on it
-while no case of this run is live). So every case sees the same shape and row at each of its
-steps, and gets the same numbers, whether or not the run was interrupted (docs/performance.md,
-"What a case's result depends on"). A case's success check is rendered at its row too, with the
-checks of the other cases whose block ended at the same step (:meth:`PlacedBatch.check_many`).
+Both follow the gate's *timeline*: the steps of the batch since it started, as an uninterrupted
+run of the gate takes them. When places come free (at the same step), they take the next cases in
+the order of the gate, the lowest place first, and a case keeps its place to its end. While every
+place is taken the model sees ``batch_size`` rows; towards the gate's end, when no case is left
+for a free place, the calls shrink to the places still taken (rows in the order of the places), so
+the last long cases do not drag padded rows along. A run that takes some cases from the store (a
+resumed one) replays that timeline: a reused case (``AttackJob.reused_steps``) takes its place in
+turn and holds it for the steps it took in the run that computed it (a copy of a live case fills
+its row; no model work is spent while only reused cases hold places). So every case gets the
+same place and sees the same shapes at each of its steps, and so the same numbers, whether or not
+the run was interrupted (docs/performance.md, "What a case's result depends on"). A case's
+success check is rendered in its row too, with the checks of the other cases whose block ended
+at the same step (:meth:`PlacedBatch.check_many`).
 
 :class:`PlacedBatch` is the loop; an attack subclasses it with its own slots and step.
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -144,7 +144,7 @@ class PlacedBatch:
         self.batch_size = None if batch_size in (None, "auto") else self._capped(resolve_batch_size(batch_size, "cpu"))
         self.slots: list[Any] = []
         self.pipeline: Any = None
-        self.waiting: defaultdict[int, deque[AttackJob | _Reused]] = defaultdict(deque)  # place -> read ahead
+        self.waiting: deque[AttackJob | _Reused] = deque()  # read ahead, in the order of the cases
         self.jobs_read = 0
         self.jobs_left = True
         self.clock = 0  # steps of the gate's timeline (see the module's docstring)
@@ -212,43 +212,41 @@ class PlacedBatch:
             self.reused = job.reused_steps
             self._queue_reused(index)
         self.jobs_read += 1
-        self.waiting[index % self.batch_size].append(job)
+        self.waiting.append(job)
         return True
 
     def _queue_reused(self, below: int | None) -> None:
-        """Queue at their places the reused cases not queued yet, up to index ``below`` (None: all)."""
-        if self.batch_size is None:
-            return
+        """Queue the reused cases not queued yet, up to index ``below`` (None: all)."""
         for index in sorted(i for i in self.reused if i not in self.reused_queued and (below is None or i < below)):
             self.reused_queued.add(index)
             steps = self.reused[index]
             if steps > 0:  # a case the plain prompt or a replay broke never took a place
-                self.waiting[index % self.batch_size].append(_Reused(index, steps))
+                self.waiting.append(_Reused(index, steps))
 
     def _fill(self) -> None:
-        """Give every free place its next case, reading jobs only as far as a free place needs; a
-        reused case holds its place for its steps. Then set the rows of the calls: every place
-        while each is taken; once the jobs ran out, the places still taken."""
+        """Give each free place, lowest first, the next case in the order of the cases, reading
+        jobs only as far as a free place needs; a reused case holds its place for its steps. Then
+        set the rows of the calls: every place while each is taken; once the jobs ran out, the
+        places still taken."""
         added = 0
-        while True:
-            if self.batch_size is not None:
-                busy = {slot.place for slot in self.slots} | set(self.held)
-                for place in range(self.batch_size):
-                    if place not in busy and self.waiting[place]:
-                        item = self.waiting[place].popleft()
-                        if isinstance(item, _Reused):
-                            self.held[place] = self.clock + item.steps
-                        else:
-                            slot = self._new_slot(item)
-                            slot.place = place
-                            self.slots.append(slot)
-                            added += 1
-                        busy.add(place)
-                if len(busy) == self.batch_size:
-                    break
-            if not self.jobs_left:
+        if self.batch_size is None and not self._read_job():  # the first job decides an "auto" size
+            return
+        busy = {slot.place for slot in self.slots} | set(self.held)
+        for place in range(self.batch_size):
+            if place in busy:
+                continue
+            while not self.waiting and self.jobs_left:
+                self._read_job()  # when the jobs run out, the reused cases after the last are queued
+            if not self.waiting:
                 break
-            self._read_job()  # when the jobs run out, the reused cases after the last are placed next turn
+            item = self.waiting.popleft()
+            if isinstance(item, _Reused):
+                self.held[place] = self.clock + item.steps
+            else:
+                slot = self._new_slot(item)
+                slot.place = place
+                self.slots.append(slot)
+                added += 1
         rows = sorted({slot.place for slot in self.slots} | set(self.held))
         changed = rows != self.row_places
         self.row_places, self.row_of = rows, {place: row for row, place in enumerate(rows)}
