@@ -473,8 +473,8 @@ def test_batched_cases_get_exactly_their_results_alone(tiny_dir, other_tiny_dir,
 
 
 def test_a_resumed_run_gives_each_case_the_result_of_an_uninterrupted_one_in_float32(tiny_dir, other_tiny_dir, tmp_path):
-    """Each case runs at its place, the calls take the shapes of the gate's timeline (the places of
-    the cases reused from the store stay taken for the steps they ran), and checks are rendered in
+    """Places and the calls' shapes follow the gate's timeline (the cases reused from the store take
+    their places in turn for the steps they ran), and checks are rendered in
     the calls' rows and judged alone, so in float32 too a case's tokens and verdict do not depend
     on which cases share its batch: a run killed after 3 cases and resumed gives every case the
     same result as one uninterrupted run, at the same batch size. At batch 8 the kept cases are 1,

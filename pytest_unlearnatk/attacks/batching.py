@@ -193,8 +193,8 @@ class PlacedBatch:
     # --- the batch's cases ------------------------------------------------------------------
 
     def _read_job(self) -> bool:
-        """Read one job into its place's queue, after the reused cases before it; False when the
-        jobs ran out (the reused cases after the last job are queued then)."""
+        """Queue one job, after the reused cases before it; False when the jobs ran out (the
+        reused cases after the last job are queued then)."""
         job = next(self.jobs, None) if self.jobs_left else None
         if job is None:
             self.jobs_left = False

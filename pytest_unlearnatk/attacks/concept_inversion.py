@@ -100,8 +100,8 @@ class ConceptInversion:
         # the store key): 2 = cases batched at the batch's full shape, one loss per row, checks
         # rendered in batches of the batch size (both round differently from version 1's one case);
         # 3 = each case runs and is rendered in the row of its place (case index % batch size), and
-        # each image is decoded alone (rows round differently: see .batching); 4 = once no case is
-        # left for a place, the calls shrink to the places still taken
+        # each image is decoded alone (rows round differently: see .batching); 4 = a free place takes
+        # the next case in order, and once none is left the calls shrink to the places still taken
         return {**asdict(self.config), "version": 4}
 
     def start_token(self, pipeline: Any, concept: str) -> int:

@@ -130,7 +130,8 @@ class _P4D:
         # mean rounds differently from version 1's one-case mean, so a token can flip); 3 = each case
         # runs and is rendered in the row of its place (case index % batch size), its base predictions
         # in calls of its own steps, each image decoded alone (rows round differently: see .batching);
-        # 4 = once no case is left for a place, the calls shrink to the places still taken
+        # 4 = a free place takes the next case in order, and once none is left the calls shrink to
+        # the places still taken
         return {**{k: v for k, v in asdict(self.config).items() if k != "offload_base"}, "version": 4}
 
     def layout_of(self, content_ids: list[int], placeholder: int) -> tuple[list[int], list[int]]:

@@ -326,8 +326,9 @@ class UnlearnDiffAtk:
         # runs the batch's full shape, and checks are rendered alone (other rounding in part-full batches);
         # 5 = checks are rendered in batches of the attack's batch size (other rounding than alone);
         # 6 = each case runs and is rendered in the row of its place (case index % batch size), and
-        # each image is decoded alone (rows round differently: see .batching); 7 = once no case is
-        # left for a place, the calls shrink to the places still taken (other shapes round differently)
+        # each image is decoded alone (rows round differently: see .batching); 7 = a free place takes
+        # the next case in order, and once no case is left the calls shrink to the places still taken
+        # (other places and shapes round differently)
         settings = asdict(self.config)
         # added at version 6: left out at their defaults
         if not settings["check_text"]:
@@ -353,10 +354,10 @@ class UnlearnDiffAtk:
         """Attack the jobs' cases, up to ``batch_size`` at once; yield each case as it finishes.
 
         The cases of a batch share every text-encoder and UNet call, each case in the row of its
-        place (job ``index % batch_size``), and their success checks are rendered together, each
-        in its row of one render of the calls' rows (padded), then judged one by one; a finished
-        case's place goes to the next job of that place, and once none is left the calls shrink
-        to the places still taken (see :mod:`.batching`). Each case
+        place, and their success checks are rendered together, each in its row of one render of
+        the calls' rows (padded), then judged one by one; a finished case's place goes to the next
+        job, and once none is left the calls shrink to the places still taken (see
+        :mod:`.batching`). Each case
         keeps its own generator, optimizer state and timestep sweep, so it gets the tokens and
         verdict it gets alone at its place (losses agree up to float rounding). ``jobs`` is read
         lazily: only as far as a free place needs. ``batch_size``: a number, or ``"auto"``
