@@ -96,6 +96,9 @@ class CaseResult:
             raise ValueError("hit, pre_attack_hit and hit_by contradict each other")
         if self.hit_by is not None and not isinstance(self.hit_by, str):
             raise ValueError("hit_by must be text")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            # a batched attack gives a reused case its place for these steps (attacks/batching.py)
+            raise ValueError("steps must be a whole number >= 0")
         for name in ("prompt_ids", "adversarial_ids"):
             ids = getattr(self, name)
             if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):

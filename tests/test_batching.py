@@ -27,14 +27,16 @@ def steps_of(number: int) -> int:
 
 class RowRecorder(PlacedBatch):
     """Case ``n`` (its case id) runs ``steps_of(n)`` steps; each step records the place of each row
-    of the model call and the case there (``None``: a filler row), and how many jobs were read so far."""
+    of the model call and the case there (``None``: a filler row), and how many jobs were read so
+    far. Like the attacks, it stacks its per-row state in the hooks and checks each step uses
+    state stacked for the current rows."""
 
     max_steps = 3
 
     def __init__(self, jobs, batch_size, case_count=None):
         super().__init__(jobs, batch_size, None, case_count)
         self.steps: list[tuple[list[int | None], int]] = []
-        self.restacks = 0
+        self.stacked_rows: list[int] | None = None
 
     def _setup(self, context):
         self.pipeline = context.model.pipeline
@@ -42,13 +44,23 @@ class RowRecorder(PlacedBatch):
     def _new_slot(self, job):
         return SimpleNamespace(job=job, outcome=AttackOutcome(), step_in_block=0, place=None)
 
+    def _restack(self):
+        self.stacked_rows = list(self.row_places)
+
+    def _joined(self, added):
+        self._restack()
+
+    def _left(self, keep):
+        self._restack()
+
     def _rows_changed(self):
-        self.restacks += 1
+        self._restack()
 
     def _step(self):
         live = {slot.place: int(slot.job.case.case_id) for slot in self.slots}
         rows = self.padded(self.slots)
         assert all(rows[self.row_of[slot.place]] is slot for slot in self.slots)
+        assert self.stacked_rows == self.row_places  # a hook restacked after every change of rows
         self.steps.append(({place: live.get(place) for place in self.row_places}, self.jobs_read))
 
     def _block_ended(self, slot):

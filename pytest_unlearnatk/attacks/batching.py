@@ -111,7 +111,6 @@ def finite_losses(losses: list[Any], attack: str, case: Case, last_step: int, lo
 class _Reused:
     """A case of the gate whose result came from the store: it held its place for ``steps`` steps."""
 
-    index: int
     steps: int
 
 
@@ -221,7 +220,7 @@ class PlacedBatch:
             self.reused_queued.add(index)
             steps = self.reused[index]
             if steps > 0:  # a case the plain prompt or a replay broke never took a place
-                self.waiting.append(_Reused(index, steps))
+                self.waiting.append(_Reused(steps))
 
     def _fill(self) -> None:
         """Give each free place, lowest first, the next case in the order of the cases, reading
